@@ -1,0 +1,195 @@
+"""The `ModelManager`: every backend by name, loaded at start or on first use, unloaded when idle.
+
+Loading runs on a worker thread (`asyncio.to_thread`), so a model loading for a minute never stalls the
+other models' streams. The manager knows models only: who may use which is the handlers' question.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelNotFound, ServiceUnavailable
+from .registry import ModelSpec, Registry, load_registry
+
+log = logging.getLogger("hub_extension.engine")
+
+
+@dataclass
+class ModelInfo:
+    """What `/v1/models` shows about a model."""
+
+    name: str
+    task: str
+    kind: str  # "local" or "upstream"
+    loaded: bool
+    context_length: int | None
+    created: int
+    description: str = ""
+
+
+class _Slot:
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+        self.backend: Any = None
+        self.lock = asyncio.Lock()
+        self.last_used = time.monotonic()
+        self.error: str | None = None
+
+
+class ModelManager:
+    """Holds the backends. Construct with `ModelManager.from_config(path)`, then `await start()`."""
+
+    def __init__(self, registry: Registry, *, reap_interval: float = 5.0):
+        self.registry = registry
+        self._slots = {name: _Slot(spec) for name, spec in registry.models.items()}
+        self._created = int(time.time())
+        self._reaper: asyncio.Task | None = None
+        self._reap_interval = reap_interval
+        self._closed = False
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike, **kw) -> ModelManager:
+        """Read and validate the registry file (raises `ConfigError` naming the model and field)."""
+        return cls(load_registry(path), **kw)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the `load: startup` models (in threads, one after another) and start the idle reaper."""
+        for slot in self._slots.values():
+            if slot.spec.load == "startup":
+                await self._ensure_loaded(slot)
+        if any(s.spec.idle_unload_seconds > 0 for s in self._slots.values()):
+            self._reaper = asyncio.create_task(self._reap_idle())
+
+    async def close(self) -> None:
+        """Stop every backend's threads; bounded so SIGTERM ends the service in seconds."""
+        self._closed = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+        backends = [s.backend for s in self._slots.values() if s.backend is not None]
+        for slot in self._slots.values():
+            slot.backend = None
+        for backend in backends:
+            await _close_backend(backend)
+
+    # -- look-ups ----------------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return list(self._slots)
+
+    def spec(self, name: str) -> ModelSpec | None:
+        slot = self._slots.get(name)
+        return slot.spec if slot else None
+
+    def list_models(self) -> list[ModelInfo]:
+        return [self._info(slot) for slot in self._slots.values()]
+
+    def info(self, name: str) -> ModelInfo | None:
+        slot = self._slots.get(name)
+        return self._info(slot) if slot else None
+
+    def _info(self, slot: _Slot) -> ModelInfo:
+        b = slot.backend
+        return ModelInfo(
+            name=slot.spec.name,
+            task=slot.spec.task,
+            kind="upstream" if slot.spec.is_upstream else "local",
+            loaded=b is not None,
+            context_length=getattr(b, "context_length", None) or slot.spec.context_length,
+            created=self._created,
+            description=slot.spec.description,
+        )
+
+    async def get(self, name: str):
+        """The backend for `name`, loading it first if needed. Unknown names raise `ModelNotFound` (404)."""
+        slot = self._slots.get(name)
+        if slot is None:
+            raise ModelNotFound(name)
+        slot.last_used = time.monotonic()
+        if slot.backend is None:
+            await self._ensure_loaded(slot)
+        return slot.backend
+
+    def in_flight(self, name: str | None = None) -> int:
+        """Requests submitted and not yet finished or cancelled, for one model or all."""
+        slots = [self._slots[name]] if name is not None else list(self._slots.values())
+        return sum(s.backend.in_flight() for s in slots if s.backend is not None)
+
+    # -- loading and unloading ---------------------------------------------------------------------
+
+    async def _ensure_loaded(self, slot: _Slot) -> None:
+        if self._closed:
+            raise ServiceUnavailable("The service is shutting down.", retry_after=5)
+        async with slot.lock:  # concurrent first requests load once
+            if slot.backend is not None:
+                return
+            spec = slot.spec
+            t0 = time.perf_counter()
+            log.info("loading model %r", spec.name)
+            try:
+                slot.backend = await asyncio.to_thread(_load, spec, self.registry.build_dir)
+            except Exception as e:
+                slot.error = f"{type(e).__name__}: {e}"
+                log.error("model %r failed to load: %s", spec.name, slot.error)
+                if spec.load == "startup":
+                    raise
+                raise ServiceUnavailable(
+                    f"The model '{spec.name}' could not be loaded.", retry_after=30
+                ) from e
+            slot.error = None
+            slot.last_used = time.monotonic()
+            log.info("model %r loaded in %.1f s", spec.name, time.perf_counter() - t0)
+
+    async def unload(self, name: str) -> bool:
+        """Unload `name` now if nothing is in flight; True if it was unloaded."""
+        slot = self._slots[name]
+        async with slot.lock:
+            backend = slot.backend
+            if backend is None or backend.in_flight() > 0:
+                return False
+            slot.backend = None
+        log.info("unloading model %r", name)
+        await _close_backend(backend)
+        return True
+
+    async def _reap_idle(self) -> None:
+        while True:
+            await asyncio.sleep(self._reap_interval)
+            now = time.monotonic()
+            for name, slot in self._slots.items():
+                idle = slot.spec.idle_unload_seconds
+                if idle > 0 and slot.backend is not None and now - slot.last_used > idle:
+                    try:
+                        await self.unload(name)
+                    except Exception:
+                        log.exception("unloading model %r failed", name)
+
+
+def _load(spec: ModelSpec, build_dir: Path):
+    from . import loading
+
+    if spec.upstream is not None:
+        from .upstream import UpstreamBackend
+
+        return UpstreamBackend(spec)
+    if spec.task == "embedding":
+        return loading.load_embedding(spec, build_dir)
+    return loading.load_text(spec, build_dir)
+
+
+async def _close_backend(backend) -> None:
+    if hasattr(backend, "aclose"):
+        await backend.aclose()
+    else:
+        await asyncio.to_thread(backend.close)
+    # Free the weights now rather than at the next collection (matters for GPUs and big models).
+    import gc
+
+    gc.collect()

@@ -1,0 +1,141 @@
+"""The base handlers every route uses.
+
+Deny by default: `APIHandler.auth` is `Auth.USER` unless a handler says otherwise, and `prepare()`
+authenticates before any method runs. The public routes are the ones declaring `Auth.PUBLIC`; the app
+checks them against `PUBLIC_ROUTES` at start so a new public route is always a deliberate choice.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+from typing import Any
+
+from tornado import web
+
+from ..errors import ApiError, BadRequest, Forbidden, NotFound, PayloadTooLarge, Unauthorized
+from ..identity import Identity
+
+log = logging.getLogger("hub_extension.http")
+
+
+class Auth(enum.Enum):
+    PUBLIC = "public"  # no credentials needed (health)
+    USER = "user"  # any authenticated, active user
+    ADMIN = "admin"  # an authenticated admin, never while acting as another user
+
+
+class APIHandler(web.RequestHandler):
+    """JSON in, JSON out; errors as `{"error": {...}}`; never a redirect to a login page."""
+
+    auth: Auth = Auth.USER
+    identity: Identity
+
+    @property
+    def services(self):
+        return self.settings["services"]
+
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.set_header("Cache-Control", "no-store")
+        self.set_header("X-Content-Type-Options", "nosniff")
+
+    def check_xsrf_cookie(self) -> None:
+        """Cookie-authenticated writes must carry the Hub's XSRF token; header credentials need none."""
+        if getattr(self, "identity", None) is not None and self.identity.via == "hub_cookie":
+            super().check_xsrf_cookie()
+
+    async def prepare(self) -> None:
+        if "token" in self.request.query_arguments or "api_key" in self.request.query_arguments:
+            raise Unauthorized("Credentials in the URL are refused; send them in the Authorization header.")
+        if self.auth is Auth.PUBLIC:
+            return
+        authenticator = self.services.authenticator
+        if authenticator is None:  # mode `none`: no authentication on the request path at all
+            self.identity = Identity.anonymous()
+        else:
+            self.identity = await authenticator.authenticate(self)
+            # Only now that we know the credential kind can the XSRF rule be applied.
+            if self.request.method not in ("GET", "HEAD", "OPTIONS"):
+                self.check_xsrf_cookie()
+        if self.auth is Auth.ADMIN and not self.identity.is_admin:
+            raise Forbidden("This action needs an administrator.")
+
+    # -- request bodies ------------------------------------------------------------------------
+
+    def get_json_body(self) -> dict[str, Any]:
+        """The request body as a JSON object; 400 for anything else, 413 past the configured limit."""
+        body = self.request.body
+        if len(body) > self.services.max_body_bytes:
+            raise PayloadTooLarge(f"Request body is larger than {self.services.max_body_bytes} bytes.")
+        if not body:
+            raise BadRequest("A JSON object is required in the request body.")
+        try:
+            value = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BadRequest(f"The request body is not valid JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise BadRequest("The request body must be a JSON object.")
+        return value
+
+    def write_json(self, value: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(json.dumps(value, default=str))
+
+    async def run_db(self, fn, *args, **kwargs):
+        """Run a blocking database call on the database thread pool, never on the event loop."""
+        return await self.services.db.run(fn, *args, **kwargs)
+
+    # -- errors ----------------------------------------------------------------------------------
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, ApiError):
+            error = exc
+        elif isinstance(exc, web.HTTPError):
+            message = exc.log_message or self._reason
+            if exc.status_code == 403 and "XSRF" in (exc.log_message or ""):
+                message = "XSRF check failed: send the _xsrf cookie's value as the X-XSRFToken header."
+            error = ApiError(message, status=exc.status_code, type=_type_for(exc.status_code))
+        else:
+            error = ApiError("Internal server error.", status=500, type="server_error", code="internal_error")
+        self.clear()  # drop headers set before the error (a half-written stream excepted: see OpenAIHandler)
+        self.set_default_headers()
+        for name, value in error.headers.items():
+            self.set_header(name, value)
+        self.set_status(error.status)
+        self.finish(json.dumps(self.error_body(error)))
+
+    def error_body(self, error: ApiError) -> dict:
+        return error.to_json()
+
+    def log_exception(self, typ, value, tb) -> None:
+        if isinstance(value, ApiError):
+            log.info("%s %s -> %d %s", self.request.method, self.request.path, value.status, value.message)
+        else:
+            super().log_exception(typ, value, tb)
+
+    def get_login_url(self) -> str:  # pragma: no cover - never used: APIs answer 401, not redirects
+        raise Unauthorized("Authentication required.")
+
+
+class OpenAIHandler(APIHandler):
+    """Handlers under `/v1`: the OpenAI error envelope, which the openai SDK maps to its exceptions."""
+
+    def error_body(self, error: ApiError) -> dict:
+        return error.to_json()
+
+
+class NotFoundHandler(APIHandler):
+    """Everything no route matched: authenticated like any other route, then 404."""
+
+    async def prepare(self) -> None:
+        await super().prepare()
+        raise NotFound(f"No such endpoint: {self.request.path}")
+
+
+def _type_for(status: int) -> str:
+    if status in (401, 403):
+        return "authentication_error" if status == 401 else "permission_error"
+    return "server_error" if status >= 500 else "invalid_request_error"

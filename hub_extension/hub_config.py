@@ -1,0 +1,89 @@
+"""Helpers for `jupyterhub_config.py`: the service entry, its role, the custom scopes and the users' access.
+
+Runs inside the Hub process: it must not import the engine or the database layer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+SERVICE_NAME = "inference"
+FEATURES = ("chat", "completions", "embeddings", "keys", "usage", "resources")
+
+CUSTOM_SCOPES = {
+    "custom:inference:admin": {"description": "Administer the inference service: users, keys, grants, audit."},
+    **{
+        f"custom:inference:{feature}": {"description": f"Use the inference service's '{feature}' feature."}
+        for feature in FEATURES
+    },
+}
+
+# The least the service needs from the Hub: look users up (name, admin flag, groups, roles).
+SERVICE_SCOPES = ["list:users", "read:users", "read:roles:users", "read:groups"]
+
+
+def access_scope(service: str = SERVICE_NAME) -> str:
+    return f"access:services!service={service}"
+
+
+def configure(
+    c,
+    *,
+    port: int = 8010,
+    db_url: str | None = None,
+    models_config: str | None = None,
+    roles: list[dict] | None = None,
+    service_name: str = SERVICE_NAME,
+    environment: dict[str, str] | None = None,
+    extra_args: list[str] | None = None,
+) -> dict:
+    """Add the inference service to a Hub config `c`; returns the service entry.
+
+    `roles` are extra Hub roles (config as code), e.g. a role that gives a group
+    `custom:inference:embeddings`. They are added to `c.JupyterHub.load_roles` *and* handed to the service,
+    which cannot otherwise learn which scopes a role holds.
+    """
+    c.JupyterHub.custom_scopes = {**_get(c, "custom_scopes", {}), **CUSTOM_SCOPES}
+    all_roles = [
+        {"name": f"{service_name}-service", "services": [service_name], "scopes": SERVICE_SCOPES},
+        # Every user may reach the service (the default `user` role is only `self`).
+        {"name": "user", "scopes": ["self", access_scope(service_name)]},
+        # A kernel's token may call the service as its user.
+        {"name": "server", "scopes": ["users:activity!user", "access:servers!server", access_scope(service_name)]},
+        *(roles or []),
+    ]
+    ours = {r["name"] for r in all_roles}
+    existing = [r for r in _get(c, "load_roles", []) if r["name"] not in ours]
+    c.JupyterHub.load_roles = existing + all_roles
+    env = {
+        "INFERENCE_HUB_ROLES": json.dumps([r for r in all_roles if r.get("scopes")]),
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
+        "PYTHONUNBUFFERED": "1",
+        **(environment or {}),
+    }
+    if db_url:
+        env["INFERENCE_DB_URL"] = db_url
+    if models_config:
+        env["INFERENCE_MODELS_CONFIG"] = str(models_config)
+    for name in ("PATH", "HOME", "HF_HOME", "TRANSFORMERS_CACHE", "INFERENCE_LOG_LEVEL"):
+        if name in os.environ:
+            env.setdefault(name, os.environ[name])
+    service = {
+        "name": service_name,
+        "url": f"http://127.0.0.1:{port}",
+        "command": [sys.executable, "-m", "hub_extension", "serve", *(extra_args or [])],
+        "environment": env,
+        "oauth_no_confirm": True,
+        "oauth_client_allowed_scopes": [f"custom:inference:{f}" for f in FEATURES] + ["custom:inference:admin"],
+        "display": True,
+    }
+    services = [s for s in _get(c, "services", []) if s.get("name") != service_name]
+    c.JupyterHub.services = services + [service]
+    return service
+
+
+def _get(c, name: str, empty):
+    """A JupyterHub setting already in `c`, or `empty` (unset settings are lazy placeholders)."""
+    return c.JupyterHub[name] if name in c.JupyterHub else empty

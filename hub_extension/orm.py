@@ -1,0 +1,109 @@
+"""The service's tables (SQLAlchemy 2). Schema changes go through Alembic (`migrations/`)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class UserStatus:
+    ACTIVE = "active"
+    PENDING = "pending"
+    DISABLED = "disabled"
+    ALL = (ACTIVE, PENDING, DISABLED)
+
+
+class User(Base):
+    """A Hub user as this service knows them: mirrored on first sight, kept in step by the Hub sync."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True, nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default=UserStatus.ACTIVE)
+    hub_admin: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    hub_groups: Mapped[list[str]] = mapped_column(JSON, nullable=False, default=list)
+    hub_roles: Mapped[list[str]] = mapped_column(JSON, nullable=False, default=list)
+    # False once the Hub no longer lists the user (deleted) or blocks them: every credential is refused.
+    in_hub: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    last_seen: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+
+    keys: Mapped[list[ApiKey]] = relationship(back_populates="user", cascade="all, delete-orphan")
+
+    def __repr__(self) -> str:
+        return f"<User {self.name} {self.status}>"
+
+
+class ApiKey(Base):
+    """A key we issued. Only the SHA-256 of the secret is stored; `prefix` is for display."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (Index("ix_api_keys_user_id", "user_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=False)
+    name: Mapped[str] = mapped_column(String(255), nullable=False)
+    hashed: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)  # sha256 hex, indexed
+    prefix: Mapped[str] = mapped_column(String(32), nullable=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    last_used: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    # Narrowing (None: everything the owner may do). Enforced by permissions.py.
+    features: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    models: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    created_by: Mapped[str | None] = mapped_column(String(255), nullable=True)  # an admin who issued it
+
+    user: Mapped[User] = relationship(back_populates="keys")
+
+    def __repr__(self) -> str:
+        return f"<ApiKey {self.id} {self.prefix}…>"
+
+
+class Grant(Base):
+    """An admin-set permission for a user or a Hub group: allow or deny one feature or one model."""
+
+    __tablename__ = "grants"
+    __table_args__ = (UniqueConstraint("subject_kind", "subject", "kind", "target", name="uq_grants_subject"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    subject_kind: Mapped[str] = mapped_column(String(16), nullable=False)  # "user" | "group"
+    subject: Mapped[str] = mapped_column(String(255), nullable=False)
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)  # "feature" | "model"
+    target: Mapped[str] = mapped_column(String(255), nullable=False)
+    allow: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(255), nullable=True)
+
+
+class AuditEvent(Base):
+    """One security-relevant change. `details` never holds a secret."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (
+        Index("ix_audit_time", "time"),
+        Index("ix_audit_subject", "subject"),
+        Index("ix_audit_action", "action"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    time: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    actor: Mapped[str] = mapped_column(String(255), nullable=False)
+    acting_as: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    subject: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    action: Mapped[str] = mapped_column(String(64), nullable=False)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
+    client_ip: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    note: Mapped[str | None] = mapped_column(Text, nullable=True)

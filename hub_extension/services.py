@@ -1,0 +1,31 @@
+"""The components one running service is made of, handed to every handler as `settings["services"]`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .api_keys import KeyManager
+from .audit import AuditLog
+from .db import Database
+from .identity import Authenticator
+from .permissions import PermissionPolicy
+from .users import UserDirectory
+
+
+@dataclass
+class Services:
+    db: Database
+    keys: KeyManager
+    users: UserDirectory
+    audit: AuditLog
+    permissions: PermissionPolicy
+    authenticator: Authenticator | None  # None in mode `none`: nothing on the request path checks anything
+    models: Any = None  # engine.ModelManager
+    max_body_bytes: int = 8 * 1024 * 1024
+    usage_sinks: list = field(default_factory=list)
+
+    def record_usage(self, event: dict) -> None:
+        """The seam for usage metering: handlers hand every request's event here (no I/O on this path)."""
+        for sink in self.usage_sinks:
+            sink(event)

@@ -1,0 +1,216 @@
+"""The service's view of users: mirrored from the Hub, with a status only we keep.
+
+The Hub is the source of truth for who exists, who is admin and which groups and roles they have. We
+create a row on first sight, keep a small in-process cache of each user's state so a request costs no
+database round trip, and a periodic sync with the Hub marks users the Hub deleted or blocked, so their
+keys stop working within the sync interval.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from .db import Database
+from .errors import BadRequest, NotFound
+from .orm import User, UserStatus, utcnow
+
+log = logging.getLogger("hub_extension.users")
+
+
+@dataclass(frozen=True)
+class UserState:
+    id: int
+    name: str
+    status: str
+    hub_admin: bool
+    groups: tuple[str, ...]
+    roles: tuple[str, ...]
+    in_hub: bool
+
+    @classmethod
+    def from_row(cls, row: User) -> UserState:
+        return cls(
+            id=row.id,
+            name=row.name,
+            status=row.status,
+            hub_admin=row.hub_admin,
+            groups=tuple(sorted(row.hub_groups or ())),
+            roles=tuple(sorted(row.hub_roles or ())),
+            in_hub=row.in_hub,
+        )
+
+
+def user_model(row: User) -> dict:
+    return {
+        "name": row.name,
+        "status": row.status,
+        "hub_admin": row.hub_admin,
+        "groups": sorted(row.hub_groups or ()),
+        "roles": sorted(row.hub_roles or ()),
+        "in_hub": row.in_hub,
+        "created_at": row.created_at.isoformat() + "Z",
+        "last_seen": row.last_seen.isoformat() + "Z" if row.last_seen else None,
+    }
+
+
+class UserDirectory:
+    def __init__(self, db: Database, *, cache_seconds: float = 10.0, new_user_status: str = UserStatus.ACTIVE):
+        self.db = db
+        self.cache_seconds = cache_seconds
+        self.new_user_status = new_user_status
+        self._by_id: dict[int, tuple[float, UserState]] = {}
+        self._by_name: dict[str, tuple[float, UserState]] = {}
+        self._last_seen: dict[int, dt.datetime] = {}
+        self.on_change: list = []  # callbacks(UserState) run when a state changes here
+
+    # -- cache --------------------------------------------------------------------------------------
+
+    def _remember(self, state: UserState) -> UserState:
+        now = time.monotonic()
+        old = self._by_id.get(state.id)
+        self._by_id[state.id] = (now, state)
+        self._by_name[state.name] = (now, state)
+        if old is not None and old[1] != state:
+            for callback in self.on_change:
+                callback(state)
+        return state
+
+    def _fresh(self, entry: tuple[float, UserState] | None) -> UserState | None:
+        if entry is not None and time.monotonic() - entry[0] < self.cache_seconds:
+            return entry[1]
+        return None
+
+    def note_seen(self, user_id: int) -> None:
+        self._last_seen[user_id] = utcnow()
+
+    # -- look-ups -----------------------------------------------------------------------------------
+
+    async def by_id(self, user_id: int) -> UserState | None:
+        state = self._fresh(self._by_id.get(user_id))
+        if state is None:
+            state = await self.db.run(self._load_id, user_id)
+            if state is not None:
+                self._remember(state)
+        return state
+
+    @staticmethod
+    def _load_id(session: Session, user_id: int) -> UserState | None:
+        row = session.get(User, user_id)
+        return UserState.from_row(row) if row else None
+
+    async def by_name(self, name: str) -> UserState:
+        state = self._fresh(self._by_name.get(name))
+        if state is None:
+            state = await self.db.run(self._load_name, name)
+            self._remember(state)
+        return state
+
+    @staticmethod
+    def _load_name(session: Session, name: str) -> UserState:
+        row = session.execute(select(User).where(User.name == name)).scalar_one_or_none()
+        if row is None:
+            raise NotFound(f"No such user: {name}")
+        return UserState.from_row(row)
+
+    async def seen_from_hub(self, hub_user: dict) -> UserState:
+        """The state of a user the Hub just vouched for; a row on first sight, refreshed when it changed."""
+        name = hub_user["name"]
+        groups = tuple(sorted(hub_user.get("groups") or ()))
+        admin = bool(hub_user.get("admin"))
+        state = self._fresh(self._by_name.get(name))
+        if state is not None and state.groups == groups and state.hub_admin == admin and state.in_hub:
+            return state
+        roles = hub_user.get("roles")
+        state = await self.db.run(self._upsert, name, admin, groups, tuple(roles) if roles is not None else None)
+        return self._remember(state)
+
+    def _upsert(
+        self, session: Session, name: str, admin: bool, groups: tuple, roles: tuple | None
+    ) -> UserState:
+        row = session.execute(select(User).where(User.name == name)).scalar_one_or_none()
+        if row is None:
+            row = User(name=name, status=self.new_user_status, hub_groups=list(groups), hub_roles=list(roles or ()))
+            session.add(row)
+            log.info("new user %s (%s)", name, self.new_user_status)
+        row.hub_admin = admin
+        row.hub_groups = list(groups)
+        if roles is not None:
+            row.hub_roles = list(roles)
+        row.in_hub = True
+        session.flush()
+        return UserState.from_row(row)
+
+    # -- changes ------------------------------------------------------------------------------------
+
+    async def set_status(self, name: str, status: str) -> UserState:
+        if status not in UserStatus.ALL:
+            raise BadRequest(f"Unknown status {status!r}; one of {', '.join(UserStatus.ALL)}.", param="status")
+        state = await self.db.run(self._set_status, name, status)
+        return self._remember(state)
+
+    @staticmethod
+    def _set_status(session: Session, name: str, status: str) -> UserState:
+        row = session.execute(select(User).where(User.name == name)).scalar_one_or_none()
+        if row is None:
+            raise NotFound(f"No such user: {name}")
+        row.status = status
+        session.flush()
+        return UserState.from_row(row)
+
+    async def list(self) -> list[dict]:
+        return await self.db.run(self._list)
+
+    @staticmethod
+    def _list(session: Session) -> list[dict]:
+        return [user_model(row) for row in session.execute(select(User).order_by(User.name)).scalars()]
+
+    async def get_or_create(self, name: str) -> UserState:
+        """For admin tools that act on a user before their first request (a name the Hub knows)."""
+        try:
+            return await self.by_name(name)
+        except NotFound:
+            state = await self.db.run(self._upsert, name, False, (), None)
+            return self._remember(state)
+
+    # -- Hub sync -----------------------------------------------------------------------------------
+
+    def apply_hub_listing(self, session: Session, hub_users: list[dict], blocked_group: str) -> list[str]:
+        """Bring every known user in line with a complete Hub listing; returns names whose state changed."""
+        by_name = {u["name"]: u for u in hub_users}
+        changed = []
+        for row in session.execute(select(User)).scalars():
+            hub = by_name.get(row.name)
+            in_hub = hub is not None and blocked_group not in (hub.get("groups") or ())
+            if hub is not None:
+                groups = sorted(hub.get("groups") or ())
+                roles = sorted(hub.get("roles") or ())
+                if (row.hub_admin, sorted(row.hub_groups or ()), sorted(row.hub_roles or ())) != (
+                    bool(hub.get("admin")), groups, roles,
+                ):
+                    row.hub_admin, row.hub_groups, row.hub_roles = bool(hub.get("admin")), groups, roles
+                    changed.append(row.name)
+            if row.in_hub != in_hub:
+                row.in_hub = in_hub
+                changed.append(row.name)
+                log.warning("user %s %s in the Hub", row.name, "restored" if in_hub else "deleted or blocked")
+        session.flush()
+        return changed
+
+    async def sync(self, hub_users: list[dict], blocked_group: str) -> list[str]:
+        changed = await self.db.run(self.apply_hub_listing, hub_users, blocked_group)
+        if changed:
+            self._by_id.clear()
+            self._by_name.clear()
+        return changed
+
+    def flush_last_seen(self, session: Session) -> int:
+        pending, self._last_seen = self._last_seen, {}
+        if pending:
+            session.execute(update(User), [{"id": uid, "last_seen": when} for uid, when in pending.items()])
+        return len(pending)

@@ -1,0 +1,344 @@
+"""Session fixtures: a PostgreSQL database, one real JupyterHub with its proxy and the inference service.
+
+The Hub runs as a subprocess with the service as a Hub-managed service on SQLite (`/services/inference/`).
+A second instance of the service, registered with the Hub as an external service, runs in this process on
+its own thread against PostgreSQL (`/services/inference-pg/`), so every end-to-end test runs through the
+Hub's proxy on both databases, and tests can look inside that instance (statement counts, the engine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+from engine_fixtures import model_config_file, tiny_model_dir  # noqa: F401
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+PROXY = ROOT / ".node/node_modules/.bin/configurable-http-proxy"
+
+# Short bounds so "within the bound" tests finish quickly; tests poll, they never assert durations.
+HUB_SYNC_SECONDS = 1
+CACHE_SECONDS = 1
+
+# Roles the test Hub is configured with (config as code), also handed to the services.
+TEST_ROLES = [
+    {"name": "inference-embedders", "groups": ["embedders"], "scopes": ["custom:inference:embeddings"]},
+    {"name": "inference-admins", "groups": ["inference-admins"], "scopes": ["custom:inference:admin"]},
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = predicate()
+        except requests.ConnectionError:  # a server still starting refuses connections
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+# -- PostgreSQL -------------------------------------------------------------------------------------
+
+
+def _ensure_postgres() -> None:
+    if subprocess.run(["pg_isready", "-h", "127.0.0.1", "-q"]).returncode == 0:
+        return
+    version = sorted(os.listdir("/etc/postgresql"))[-1]
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"], check=False)
+    wait_for(lambda: subprocess.run(["pg_isready", "-h", "127.0.0.1", "-q"]).returncode == 0, 30, 0.5, "postgres")
+
+
+def _pg_admin_connect():
+    import psycopg
+
+    try:
+        return psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True)
+    except psycopg.OperationalError:
+        # Password authentication configured: create our role through the local socket as the postgres user.
+        subprocess.run(
+            ["su", "postgres", "-c", "psql -c \"DO $$BEGIN CREATE ROLE jhi_test LOGIN SUPERUSER PASSWORD 'jhi_test';"
+             " EXCEPTION WHEN duplicate_object THEN NULL; END$$;\""],
+            check=True,
+        )
+        return psycopg.connect("host=127.0.0.1 user=jhi_test password=jhi_test dbname=postgres", autocommit=True)
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    """A fresh PostgreSQL database for this test run, dropped at the end."""
+    _ensure_postgres()
+    name = f"jhi_test_{os.getpid()}_{secrets.token_hex(3)}"
+    with _pg_admin_connect() as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+        info = conn.info
+        user, password = info.user, info.password
+    auth = f"{user}:{password}@" if password else f"{user}@"
+    yield f"postgresql+psycopg://{auth}127.0.0.1:5432/{name}"
+    with _pg_admin_connect() as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """A database URL for component tests, on both backends (a new database each time)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'test.sqlite'}"
+        return
+    _ensure_postgres()
+    name = f"jhi_unit_{os.getpid()}_{secrets.token_hex(3)}"
+    with _pg_admin_connect() as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+        user, password = conn.info.user, conn.info.password
+    auth = f"{user}:{password}@" if password else f"{user}@"
+    yield f"postgresql+psycopg://{auth}127.0.0.1:5432/{name}"
+    with _pg_admin_connect() as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# -- the Hub ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class HubAPI:
+    """The Hub's REST API with an admin service token (how tests make users, groups and tokens)."""
+
+    url: str  # public URL of the proxy, e.g. http://127.0.0.1:PORT
+    token: str
+    session: requests.Session = field(default_factory=requests.Session)
+
+    def request(self, method: str, path: str, **kw) -> requests.Response:
+        r = self.session.request(method, f"{self.url}/hub/api{path}", headers={"Authorization": f"token {self.token}"}, timeout=30, **kw)
+        r.raise_for_status()
+        return r
+
+    def create_user(self, name: str, admin: bool = False) -> str:
+        if admin:
+            self.request("POST", f"/users/{name}", json={"admin": True})
+        else:
+            self.request("POST", f"/users/{name}")
+        return name
+
+    def user_token(self, name: str, scopes: list[str] | None = None, expires_in: int | None = None) -> str:
+        body: dict = {"note": "test"}
+        if scopes is not None:
+            body["scopes"] = scopes
+        if expires_in is not None:
+            body["expires_in"] = expires_in
+        return self.request("POST", f"/users/{name}/tokens", json=body).json()["token"]
+
+    def delete_user(self, name: str) -> None:
+        self.request("DELETE", f"/users/{name}")
+
+    def add_to_group(self, group: str, user: str) -> None:
+        try:
+            self.request("POST", f"/groups/{group}")
+        except requests.HTTPError as e:
+            if e.response.status_code != 409:
+                raise
+        self.request("POST", f"/groups/{group}/users", json={"users": [user]})
+
+    def remove_from_group(self, group: str, user: str) -> None:
+        self.request("DELETE", f"/groups/{group}/users", json={"users": [user]})
+
+
+@dataclass
+class Instance:
+    """One instance of the service behind the Hub's proxy."""
+
+    name: str
+    backend: str
+    url: str  # base URL through the proxy, ending in '/'
+    app: object | None = None  # the in-process InferenceService (PostgreSQL instance only)
+
+
+@dataclass
+class Hub:
+    url: str
+    api: HubAPI
+    instances: dict[str, Instance]
+    process: subprocess.Popen
+    log_path: Path
+
+    def new_user(self, prefix: str = "u", admin: bool = False) -> str:
+        return self.api.create_user(f"{prefix}-{secrets.token_hex(4)}", admin=admin)
+
+
+class ServiceThread(threading.Thread):
+    """Runs an InferenceService on its own event loop in this process."""
+
+    def __init__(self, config):
+        super().__init__(daemon=True, name="inference-pg")
+        from hub_extension.app import InferenceService
+
+        self.app = InferenceService(config=config)
+        self.app.initialize([])
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.app.start()
+        except BaseException as e:  # surfaced by the fixture
+            self.error = e
+            self.app.ready.set()
+
+    def stop(self) -> None:
+        self.app.stop()
+        self.join(30)
+
+
+def _hub_config(tmp: Path, ports: dict, tokens: dict, sqlite_url: str, models: Path) -> str:
+    return f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+from hub_extension.hub_config import configure, SERVICE_SCOPES, access_scope
+
+c = get_config()
+c.JupyterHub.bind_url = "http://127.0.0.1:{ports['public']}"
+c.JupyterHub.hub_ip = "127.0.0.1"
+c.JupyterHub.hub_port = {ports['hub']}
+c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{ports['proxy_api']}"
+c.ConfigurableHTTPProxy.command = [{str(PROXY)!r}]
+c.ConfigurableHTTPProxy.pid_file = {str(tmp / 'proxy.pid')!r}
+c.JupyterHub.db_url = "sqlite:///{tmp / 'jupyterhub.sqlite'}"
+c.JupyterHub.cookie_secret = bytes.fromhex({secrets.token_hex(32)!r})
+c.JupyterHub.authenticator_class = "shared-password"
+c.SharedPasswordAuthenticator.user_password = "test-password-1"
+c.Authenticator.allow_all = True
+c.Authenticator.admin_users = {{"admin"}}
+c.JupyterHub.spawner_class = "simple"
+c.JupyterHub.log_level = "WARN"
+configure(
+    c,
+    port={ports['service']},
+    db_url={sqlite_url!r},
+    models_config={str(models)!r},
+    roles={TEST_ROLES!r},
+    extra_args=[
+        "--InferenceService.hub_sync_interval={HUB_SYNC_SECONDS}",
+        "--InferenceService.hub_token_cache_seconds={CACHE_SECONDS}",
+        "--InferenceService.user_cache_seconds={CACHE_SECONDS}",
+        "--InferenceService.flush_interval=0.5",
+        "--InferenceService.port={ports['service']}",
+    ],
+)
+c.JupyterHub.services.append({{"name": "tester", "api_token": {tokens['tester']!r}}})
+c.JupyterHub.services.append({{
+    "name": "inference-pg", "url": "http://127.0.0.1:{ports['service_pg']}", "api_token": {tokens['pg']!r},
+    "oauth_no_confirm": True, "oauth_redirect_uri": "http://127.0.0.1:{ports['public']}/services/inference-pg/oauth_callback",
+}})
+for role in c.JupyterHub.load_roles:
+    if role["name"] in ("user", "server"):
+        role["scopes"].append(access_scope("inference-pg"))
+c.JupyterHub.load_roles.append({{"name": "tester", "services": ["tester"], "scopes": ["admin:users", "admin:groups", "tokens", "list:users", "read:users", "admin:auth_state"]}})
+c.JupyterHub.load_roles.append({{"name": "inference-pg-service", "services": ["inference-pg"], "scopes": SERVICE_SCOPES}})
+"""
+
+
+@pytest.fixture(scope="session")
+def hub(tmp_path_factory, model_config_file, pg_url):  # noqa: F811
+    if not PROXY.exists():
+        pytest.fail("configurable-http-proxy is missing: run `make setup`")
+    tmp = tmp_path_factory.mktemp("hub")
+    ports = {k: free_port() for k in ("public", "hub", "proxy_api", "service", "service_pg")}
+    tokens = {"tester": secrets.token_hex(32), "pg": secrets.token_hex(32)}
+    sqlite_url = f"sqlite:///{tmp / 'inference.sqlite'}"
+    (tmp / "jupyterhub_config.py").write_text(_hub_config(tmp, ports, tokens, sqlite_url, model_config_file))
+    log_path = tmp / "hub.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("JUPYTERHUB_API_TOKEN", None)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "jupyterhub"), "-f", str(tmp / "jupyterhub_config.py")],
+        cwd=tmp, env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    public = f"http://127.0.0.1:{ports['public']}"
+
+    from traitlets.config import Config
+
+    from hub_extension.hub_config import SERVICE_SCOPES, access_scope  # noqa: F401
+
+    cfg = Config()
+    cfg.InferenceService.identity_mode = "hub"
+    cfg.InferenceService.ip = "127.0.0.1"
+    cfg.InferenceService.port = ports["service_pg"]
+    cfg.InferenceService.base_url = "/services/inference-pg/"
+    cfg.InferenceService.db_url = pg_url
+    cfg.InferenceService.models_config = str(model_config_file)
+    cfg.InferenceService.hub_sync_interval = HUB_SYNC_SECONDS
+    cfg.InferenceService.hub_token_cache_seconds = CACHE_SECONDS
+    cfg.InferenceService.user_cache_seconds = CACHE_SECONDS
+    cfg.InferenceService.flush_interval = 0.5
+    cfg.InferenceService.hub_roles = TEST_ROLES
+    cfg.HubOAuth.api_url = f"http://127.0.0.1:{ports['hub']}/hub/api"
+    cfg.HubOAuth.api_token = tokens["pg"]
+    cfg.HubOAuth.oauth_client_id = "service-inference-pg"
+    cfg.HubOAuth.base_url = "/services/inference-pg/"
+    cfg.HubOAuth.hub_prefix = "/hub/"
+    cfg.HubOAuth.access_scopes = {"access:services!service=inference-pg", "access:services"}
+    cfg.HubOAuth.oauth_redirect_uri = f"{public}/services/inference-pg/oauth_callback"
+    service = ServiceThread(cfg)
+    service.start()
+    try:
+        service.app.ready.wait(120)
+        if service.error:
+            raise service.error
+        def up(prefix: str) -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"jupyterhub exited: {log_path.read_text()[-3000:]}")
+            return requests.get(f"{public}/services/{prefix}/health", timeout=5).status_code == 200
+
+        for prefix in ("inference", "inference-pg"):
+            wait_for(
+                lambda p=prefix: up(p),
+                timeout=180, interval=0.3, what=f"{prefix} behind the Hub proxy (log: {log_path})",
+            )
+        yield Hub(
+            url=public,
+            api=HubAPI(public, tokens["tester"]),
+            instances={
+                "sqlite": Instance("inference", "sqlite", f"{public}/services/inference/"),
+                "postgresql": Instance("inference-pg", "postgresql", f"{public}/services/inference-pg/", service.app),
+            },
+            process=proc,
+            log_path=log_path,
+        )
+    finally:
+        service.stop()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def instance(request, hub) -> Instance:
+    """Each end-to-end test runs once against each instance (SQLite and PostgreSQL)."""
+    return hub.instances[request.param]
+
+
+__all__ = ["json", "shutil"]
