@@ -7,8 +7,8 @@ import json
 import logging
 import os
 import signal
-import threading
 import sys
+import threading
 from urllib.parse import urlparse
 
 from tornado import httpserver, web
@@ -26,10 +26,10 @@ from .identity import Authenticator, StaticKeys
 from .orm import UserStatus
 from .permissions import FEATURES, PermissionPolicy
 from .services import Services
-from .users import UserDirectory
+from .users import UserDirectory, fetch_hub_users
 
 # The only routes that answer without credentials. A test checks the route table against this list.
-PUBLIC_ROUTES = frozenset({"/health"})
+PUBLIC_ROUTES = frozenset({"/health", "/oauth_callback"})
 IDENTITY_MODES = ("none", "static", "hub")
 
 
@@ -221,6 +221,22 @@ class InferenceService(Application):
             raise ValueError(f"InferenceService.feature_defaults: unknown feature(s) {sorted(unknown)}")
         return proposal.value
 
+    model_default_allow = Bool(
+        True,
+        help="""Whether a user may use a model nobody granted or denied them.
+
+        True: every configured model, unless a grant denies it. False: an allow-list; a user may use only
+        the models granted to them, their Hub groups (database grants) or their Hub roles
+        (`custom:inference:model:<name>` or `custom:inference:model:*` scopes). See `permissions.py`
+        for the precedence.""",
+    ).tag(config=True)
+
+    grants_reload_seconds = Float(
+        5.0,
+        help="""Seconds between reloads of the grants table into memory. A grant changed in this process
+        applies at once; one changed by another replica or the CLI applies within this time.""",
+    ).tag(config=True)
+
     models_config = Unicode(
         help="Path of the YAML model registry. Defaults to $INFERENCE_MODELS_CONFIG; empty: no models."
     ).tag(config=True)
@@ -276,12 +292,20 @@ class InferenceService(Application):
                 hub_auth=self.hub_auth,
                 hub_roles=self.hub_roles,
             )
+        permissions = PermissionPolicy(
+            self.feature_defaults,
+            model_default_allow=self.model_default_allow,
+            role_scopes=authenticator.scopes_from_roles if authenticator is not None else None,
+            db=db,
+            reload_seconds=self.grants_reload_seconds,
+        )
+        permissions.load()
         return Services(
             db=db,
             keys=keys,
             users=users,
             audit=AuditLog(db),
-            permissions=PermissionPolicy(self.feature_defaults),
+            permissions=permissions,
             authenticator=authenticator,
             models=self._make_models(),
             max_body_bytes=self.max_body_bytes,
@@ -302,22 +326,16 @@ class InferenceService(Application):
         return ModelManager.from_config(self.models_config)
 
     def routes(self) -> list[tuple]:
-        handlers = account.routes + admin.routes + self._extra_routes()
-        prefix = self.base_url.rstrip("/")
-        table = [(prefix + path, handler) for path, handler in handlers]
+        """The route table, paths relative to `base_url`. Every route not in PUBLIC_ROUTES needs credentials."""
+        from .handlers import openai
+
+        handlers = account.routes + admin.routes + openai.routes
         if self.identity_mode == "hub":
             from jupyterhub.services.auth import HubOAuthCallbackHandler
 
-            table.append((prefix + "/oauth_callback", HubOAuthCallbackHandler))
+            handlers.append(("/oauth_callback", HubOAuthCallbackHandler))
         check_public_routes(handlers)
-        return table
-
-    def _extra_routes(self) -> list[tuple]:
-        try:
-            from .handlers import openai
-        except ImportError:
-            return []
-        return openai.routes
+        return handlers
 
     def make_app(self) -> web.Application:
         self.services = self.make_services()
@@ -330,7 +348,8 @@ class InferenceService(Application):
         if self.identity_mode == "hub":
             settings["hub_auth"] = self.hub_auth
             settings["cookie_secret"] = os.urandom(32)
-        return web.Application(self.routes(), **settings)
+        prefix = self.base_url.rstrip("/")
+        return web.Application([(prefix + path, handler) for path, handler in self.routes()], **settings)
 
     async def _periodic(self, interval: float, fn) -> None:
         while True:
@@ -358,7 +377,7 @@ class InferenceService(Application):
         self.app = self.make_app()
         if self.services.models is not None:
             await self.services.models.start()
-        self.server = httpserver.HTTPServer(self.app, xheaders=True, max_body_size=self.max_body_bytes + 1024)
+        self.server = httpserver.HTTPServer(self.app, xheaders=True, max_body_size=8 * self.max_body_bytes)
         self.server.listen(self.port, self.ip)
         self.log.info("jupyterhub-inference %s on http://%s:%d%s (identity: %s, database: %s)",
                       __version__, self.ip, self.port, self.base_url, self.identity_mode, self.services.db.backend)
@@ -369,6 +388,7 @@ class InferenceService(Application):
                 loop.add_signal_handler(sig, stop.set)
         self._loop, self._stop = loop, stop
         tasks = [asyncio.ensure_future(self._periodic(self.flush_interval, self.flush))]
+        tasks.append(asyncio.ensure_future(self._periodic(self.grants_reload_seconds, self.services.permissions.reload)))
         if self.identity_mode == "hub":
             tasks.append(asyncio.ensure_future(self._periodic(self.hub_sync_interval, self.sync_with_hub)))
         self.ready.set()
@@ -397,33 +417,12 @@ class InferenceService(Application):
 
 
 def check_public_routes(handlers) -> None:
-    """Refuse to start if a handler is public without being on PUBLIC_ROUTES, or the other way round."""
+    """Refuse to start if a route is public without being on PUBLIC_ROUTES, or the other way round."""
     for path, handler in handlers:
-        if issubclass(handler, APIHandler):
-            public = handler.auth is Auth.PUBLIC
-            if public != (path in PUBLIC_ROUTES):
-                raise RuntimeError(f"route {path}: auth={handler.auth} disagrees with PUBLIC_ROUTES")
+        public = not issubclass(handler, APIHandler) or handler.auth is Auth.PUBLIC
+        if public != (path in PUBLIC_ROUTES):
+            raise RuntimeError(f"route {path}: public={public} disagrees with PUBLIC_ROUTES")
 
-
-async def fetch_hub_users(api_url: str, token: str) -> list[dict]:
-    """Every Hub user (all pages), or an exception: a partial listing must never mark users deleted."""
-    client = AsyncHTTPClient()
-    users: list[dict] = []
-    offset = 0
-    while True:
-        request = HTTPRequest(
-            f"{api_url.rstrip('/')}/users?offset={offset}&limit=200&include_stopped_servers=0",
-            headers={"Authorization": f"token {token}", "Accept": "application/jupyterhub-pagination+json"},
-            request_timeout=20,
-        )
-        response = await client.fetch(request)
-        page = json.loads(response.body)
-        items = page["items"] if isinstance(page, dict) else page
-        users.extend(items)
-        pagination = page.get("_pagination") if isinstance(page, dict) else None
-        if not pagination or not pagination.get("next"):
-            return users
-        offset = pagination["next"]["offset"]
 
 
 def _log_request(handler: web.RequestHandler) -> None:

@@ -9,18 +9,31 @@ keys stop working within the sync interval.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import time
 from dataclasses import dataclass
+from urllib.parse import quote
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
+from .audit import AuditLog
 from .db import Database
-from .errors import BadRequest, NotFound
+from .errors import BadRequest, Conflict, NotFound
 from .orm import User, UserStatus, utcnow
 
 log = logging.getLogger("hub_extension.users")
+
+# Admin status actions: action -> (statuses it may start from, status it leads to). `approve` and `deny`
+# decide on pending users only; `disable` and `enable` are idempotent (no change, no audit entry).
+STATUS_ACTIONS = {
+    "approve": (frozenset({UserStatus.PENDING}), UserStatus.ACTIVE),
+    "deny": (frozenset({UserStatus.PENDING}), UserStatus.DISABLED),
+    "disable": (frozenset(UserStatus.ALL), UserStatus.DISABLED),
+    "enable": (frozenset({UserStatus.DISABLED, UserStatus.ACTIVE}), UserStatus.ACTIVE),
+}
 
 
 @dataclass(frozen=True)
@@ -163,12 +176,45 @@ class UserDirectory:
         session.flush()
         return UserState.from_row(row)
 
+    async def apply_action(self, name: str, action: str, *, audit: dict) -> UserState:
+        """An admin's `approve|deny|disable|enable`, audited in the same transaction (one entry per change).
+
+        The cache is updated before returning, so every credential of the user (keys included) sees the new
+        status on its very next request in this process; other replicas within `cache_seconds`.
+        """
+        if action not in STATUS_ACTIONS:
+            raise NotFound(f"No such action: {action}")
+        state = await self.db.run(self._apply_action, name, action, audit)
+        return self._remember(state)
+
+    @staticmethod
+    def _apply_action(session: Session, name: str, action: str, audit: dict) -> UserState:
+        row = session.execute(select(User).where(User.name == name).with_for_update()).scalar_one_or_none()
+        if row is None:
+            raise NotFound(f"No such user: {name}")
+        sources, target = STATUS_ACTIONS[action]
+        if row.status not in sources:
+            raise Conflict(f"Cannot {action} user {name}: their status is {row.status}.")
+        if row.status != target:
+            AuditLog.add(session, action=f"user.{action}", details={"from": row.status, "to": target}, **audit)
+            row.status = target
+            session.flush()
+        return UserState.from_row(row)
+
     async def list(self) -> list[dict]:
         return await self.db.run(self._list)
 
     @staticmethod
     def _list(session: Session) -> list[dict]:
         return [user_model(row) for row in session.execute(select(User).order_by(User.name)).scalars()]
+
+    async def get_model(self, name: str) -> dict | None:
+        return await self.db.run(self._get_model, name)
+
+    @staticmethod
+    def _get_model(session: Session, name: str) -> dict | None:
+        row = session.execute(select(User).where(User.name == name)).scalar_one_or_none()
+        return user_model(row) if row is not None else None
 
     async def get_or_create(self, name: str) -> UserState:
         """For admin tools that act on a user before their first request (a name the Hub knows)."""
@@ -214,3 +260,67 @@ class UserDirectory:
         if pending:
             session.execute(update(User), [{"id": uid, "last_seen": when} for uid, when in pending.items()])
         return len(pending)
+
+
+# -- the Hub's user list --------------------------------------------------------------------------------
+
+
+class HubUsers:
+    """The Hub's REST API for users (with the service's token), for admin views of users not seen yet."""
+
+    def __init__(self, api_url: str, token: str):
+        self.api_url = api_url.rstrip("/")
+        self.token = token
+
+    async def list(self) -> list[dict]:
+        return await fetch_hub_users(self.api_url, self.token)
+
+    async def get(self, name: str) -> dict | None:
+        """The Hub's model of `name`, or None when the Hub has no such user."""
+        request = HTTPRequest(
+            f"{self.api_url}/users/{quote(name, safe='')}",
+            headers={"Authorization": f"token {self.token}"},
+            request_timeout=20,
+        )
+        try:
+            response = await AsyncHTTPClient().fetch(request)
+        except HTTPClientError as e:
+            if e.code == 404:
+                return None
+            raise
+        return json.loads(response.body)
+
+    async def group_exists(self, name: str) -> bool:
+        request = HTTPRequest(
+            f"{self.api_url}/groups/{quote(name, safe='')}",
+            headers={"Authorization": f"token {self.token}"},
+            request_timeout=20,
+        )
+        try:
+            await AsyncHTTPClient().fetch(request)
+        except HTTPClientError as e:
+            if e.code == 404:
+                return False
+            raise
+        return True
+
+
+async def fetch_hub_users(api_url: str, token: str) -> list[dict]:
+    """Every Hub user (all pages), or an exception: a partial listing must never mark users deleted."""
+    client = AsyncHTTPClient()
+    users: list[dict] = []
+    offset = 0
+    while True:
+        request = HTTPRequest(
+            f"{api_url.rstrip('/')}/users?offset={offset}&limit=200&include_stopped_servers=0",
+            headers={"Authorization": f"token {token}", "Accept": "application/jupyterhub-pagination+json"},
+            request_timeout=20,
+        )
+        response = await client.fetch(request)
+        page = json.loads(response.body)
+        items = page["items"] if isinstance(page, dict) else page
+        users.extend(items)
+        pagination = page.get("_pagination") if isinstance(page, dict) else None
+        if not pagination or not pagination.get("next"):
+            return users
+        offset = pagination["next"]["offset"]

@@ -39,6 +39,13 @@ models:
     max_concurrency: 1
     max_queue: 16
     default_max_tokens: 64
+  - name: tiny-busy
+    source: {tiny}
+    task: chat
+    engine: generate
+    max_concurrency: 1
+    max_queue: 1
+    default_max_tokens: 64
   - name: minilm
     source: builtin:minilm
     task: embedding

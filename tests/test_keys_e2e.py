@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import requests
@@ -124,19 +125,48 @@ def test_bad_checksum_is_refused_without_a_database_query(hub):
         assert app.services.db.statements == before, bad
 
 
-def test_disabled_user_is_refused_at_once(hub, instance):
+def test_disabled_user_is_refused_at_once(hub):
+    instance = hub.instances["postgresql"]
     user = hub.new_user()
     token = hub.api.user_token(user)
-    admin = hub.api.create_user("admin", admin=True) if False else None  # noqa: F841
     secret = requests.post(instance.url + "api/keys", headers=bearer(token), json={"name": "k"}).json()["key"]
-    static = None  # noqa: F841
-    # Disable through the CLI-level component API is covered in test_admin; here use the in-process instance.
-    if instance.app is None:
-        return
-    import asyncio
-
-    asyncio.run_coroutine_threadsafe(instance.app.services.users.set_status(user, "disabled"), instance.app._loop).result(10)
+    assert requests.get(instance.url + "v1/models", headers=bearer(secret)).status_code == 200
+    app = instance.app
+    asyncio.run_coroutine_threadsafe(app.services.users.set_status(user, "disabled"), app._loop).result(10)
     for credential in (secret, token):
         r = requests.get(instance.url + "v1/models", headers=bearer(credential))
         assert r.status_code == 403, r.text
         assert r.json()["error"]["code"] == "user_disabled"
+    asyncio.run_coroutine_threadsafe(app.services.users.set_status(user, "active"), app._loop).result(10)
+    assert requests.get(instance.url + "v1/models", headers=bearer(secret)).status_code == 200
+
+
+def test_key_limits_and_validation(hub):
+    instance = hub.instances["postgresql"]
+    user = hub.new_user()
+    headers = bearer(hub.api.user_token(user))
+    for body, param in (
+        ({}, "name"),
+        ({"name": ""}, "name"),
+        ({"name": 5}, "name"),
+        ({"name": "k", "expires_in_days": 0}, "expires_in_days"),
+        ({"name": "k", "expires_in_days": 100000}, "expires_in_days"),
+        ({"name": "k", "expires_in_days": None}, "expires_in_days"),  # the maximum lifetime forbids "never"
+        ({"name": "k", "features": "chat"}, "features"),
+        ({"name": "k", "features": ["teleport"]}, "features"),
+        ({"name": "k", "models": [1]}, "models"),
+        ({"name": "k", "colour": "red"}, "colour"),
+    ):
+        r = requests.post(instance.url + "api/keys", headers=headers, json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+    for raw in (b"{not json", b"[1, 2]", b""):
+        r = requests.post(instance.url + "api/keys", headers=headers, data=raw)
+        assert r.status_code == 400, raw
+    r = requests.post(instance.url + "api/keys", headers=headers, data=b'{"name": "' + b"x" * (9 * 1024 * 1024) + b'"}')
+    assert r.status_code == 413
+    limit = app_limit = instance.app.max_keys_per_user
+    for i in range(limit):
+        assert requests.post(instance.url + "api/keys", headers=headers, json={"name": f"k{i}"}).status_code == 201
+    r = requests.post(instance.url + "api/keys", headers=headers, json={"name": "one too many"})
+    assert r.status_code == 409 and str(app_limit) in r.json()["error"]["message"]
+    assert len(requests.get(instance.url + "api/keys", headers=headers).json()["keys"]) == limit

@@ -26,8 +26,14 @@ class Auth(enum.Enum):
     ADMIN = "admin"  # an authenticated admin, never while acting as another user
 
 
+@web.stream_request_body
 class APIHandler(web.RequestHandler):
-    """JSON in, JSON out; errors as `{"error": {...}}`; never a redirect to a login page."""
+    """JSON in, JSON out; errors as `{"error": {...}}`; never a redirect to a login page.
+
+    The body is streamed in: past `max_body_bytes` it is read and dropped, and the handler answers a clean
+    413 (the Hub's proxy turns a connection closed mid-upload into a confusing 503). The server itself
+    drops bodies beyond `InferenceService.max_body_bytes * 8`.
+    """
 
     auth: Auth = Auth.USER
     identity: Identity
@@ -47,6 +53,8 @@ class APIHandler(web.RequestHandler):
             super().check_xsrf_cookie()
 
     async def prepare(self) -> None:
+        self._body_parts: list[bytes] = []
+        self._body_size = 0
         if "token" in self.request.query_arguments or "api_key" in self.request.query_arguments:
             raise Unauthorized("Credentials in the URL are refused; send them in the Authorization header.")
         if self.auth is Auth.PUBLIC:
@@ -64,11 +72,18 @@ class APIHandler(web.RequestHandler):
 
     # -- request bodies ------------------------------------------------------------------------
 
+    def data_received(self, chunk: bytes) -> None:
+        self._body_size += len(chunk)
+        if self._body_size <= self.services.max_body_bytes:
+            self._body_parts.append(chunk)
+        else:
+            self._body_parts = []
+
     def get_json_body(self) -> dict[str, Any]:
-        """The request body as a JSON object; 400 for anything else, 413 past the configured limit."""
-        body = self.request.body
-        if len(body) > self.services.max_body_bytes:
+        """The request body as a JSON object; 413 past the limit, 400 for anything else."""
+        if self._body_size > self.services.max_body_bytes:
             raise PayloadTooLarge(f"Request body is larger than {self.services.max_body_bytes} bytes.")
+        body = b"".join(self._body_parts)
         if not body:
             raise BadRequest("A JSON object is required in the request body.")
         try:
