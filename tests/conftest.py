@@ -8,10 +8,8 @@ Hub's proxy on both databases, and tests can look inside that instance (statemen
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 from engine_fixtures import model_config_file, tiny_model_dir  # noqa: F401
+from pg import temp_database
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +36,8 @@ CACHE_SECONDS = 1
 TEST_ROLES = [
     {"name": "inference-embedders", "groups": ["embedders"], "scopes": ["custom:inference:embeddings"]},
     {"name": "inference-admins", "groups": ["inference-admins"], "scopes": ["custom:inference:admin"]},
+    # A model scope (declared by hub_config.configure because a role uses it): test_admin_e2e.
+    {"name": "inference-minilm", "groups": ["embedders"], "scopes": ["custom:inference:model:minilm"]},
 ]
 
 
@@ -63,42 +64,11 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.1, what: str 
 # -- PostgreSQL -------------------------------------------------------------------------------------
 
 
-def _ensure_postgres() -> None:
-    if subprocess.run(["pg_isready", "-h", "127.0.0.1", "-q"]).returncode == 0:
-        return
-    version = sorted(os.listdir("/etc/postgresql"))[-1]
-    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"], check=False)
-    wait_for(lambda: subprocess.run(["pg_isready", "-h", "127.0.0.1", "-q"]).returncode == 0, 30, 0.5, "postgres")
-
-
-def _pg_admin_connect():
-    import psycopg
-
-    try:
-        return psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True)
-    except psycopg.OperationalError:
-        # Password authentication configured: create our role through the local socket as the postgres user.
-        subprocess.run(
-            ["su", "postgres", "-c", "psql -c \"DO $$BEGIN CREATE ROLE jhi_test LOGIN SUPERUSER PASSWORD 'jhi_test';"
-             " EXCEPTION WHEN duplicate_object THEN NULL; END$$;\""],
-            check=True,
-        )
-        return psycopg.connect("host=127.0.0.1 user=jhi_test password=jhi_test dbname=postgres", autocommit=True)
-
-
 @pytest.fixture(scope="session")
 def pg_url():
     """A fresh PostgreSQL database for this test run, dropped at the end."""
-    _ensure_postgres()
-    name = f"jhi_test_{os.getpid()}_{secrets.token_hex(3)}"
-    with _pg_admin_connect() as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-        info = conn.info
-        user, password = info.user, info.password
-    auth = f"{user}:{password}@" if password else f"{user}@"
-    yield f"postgresql+psycopg://{auth}127.0.0.1:5432/{name}"
-    with _pg_admin_connect() as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with temp_database("jhi_test") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -106,16 +76,9 @@ def db_url(request, tmp_path):
     """A database URL for component tests, on both backends (a new database each time)."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'test.sqlite'}"
-        return
-    _ensure_postgres()
-    name = f"jhi_unit_{os.getpid()}_{secrets.token_hex(3)}"
-    with _pg_admin_connect() as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-        user, password = conn.info.user, conn.info.password
-    auth = f"{user}:{password}@" if password else f"{user}@"
-    yield f"postgresql+psycopg://{auth}127.0.0.1:5432/{name}"
-    with _pg_admin_connect() as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    else:
+        with temp_database("jhi_unit") as url:
+            yield url
 
 
 # -- the Hub ----------------------------------------------------------------------------------------
@@ -341,4 +304,3 @@ def instance(request, hub) -> Instance:
     return hub.instances[request.param]
 
 
-__all__ = ["json", "shutil"]
