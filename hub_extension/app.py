@@ -9,10 +9,12 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 from urllib.parse import urlparse
 
+from jupyterhub.services.auth import HubOAuth
 from tornado import httpserver, web
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from tornado.httpclient import HTTPClientError
 from traitlets import Bool, Dict, Float, Integer, List, Unicode, default, validate
 from traitlets.config import Application
 
@@ -20,7 +22,7 @@ from . import __version__
 from .api_keys import KeyManager
 from .audit import AuditLog
 from .db import Database
-from .handlers import account, admin
+from .handlers import account, admin, openai, pages
 from .handlers.base import APIHandler, Auth, NotFoundHandler
 from .identity import Authenticator, StaticKeys
 from .orm import UserStatus
@@ -31,6 +33,7 @@ from .users import UserDirectory, fetch_hub_users
 # The only routes that answer without credentials. A test checks the route table against this list.
 PUBLIC_ROUTES = frozenset({"/health", "/oauth_callback"})
 IDENTITY_MODES = ("none", "static", "hub")
+
 
 
 class InferenceService(Application):
@@ -313,8 +316,6 @@ class InferenceService(Application):
 
     def _make_hub_auth(self):
         """JupyterHub's own HubOAuth, configurable as `c.HubOAuth.*` (api_url, api_token, access_scopes...)."""
-        from jupyterhub.services.auth import HubOAuth
-
         return HubOAuth(parent=self, cache_max_age=self.hub_token_cache_seconds)
 
     def _make_models(self):
@@ -327,13 +328,9 @@ class InferenceService(Application):
 
     def routes(self) -> list[tuple]:
         """The route table, paths relative to `base_url`. Every route not in PUBLIC_ROUTES needs credentials."""
-        from .handlers import openai
-
         handlers = account.routes + admin.routes + openai.routes
         if self.identity_mode == "hub":
-            from jupyterhub.services.auth import HubOAuthCallbackHandler
-
-            handlers.append(("/oauth_callback", HubOAuthCallbackHandler))
+            handlers += pages.routes
         check_public_routes(handlers)
         return handlers
 
@@ -344,6 +341,8 @@ class InferenceService(Application):
             "default_handler_class": NotFoundHandler,
             "log_function": _log_request,
             "compress_response": False,
+            "template_path": str(Path(__file__).parent / "templates"),
+            "service_base_url": self.base_url,
         }
         if self.identity_mode == "hub":
             settings["hub_auth"] = self.hub_auth
@@ -361,6 +360,13 @@ class InferenceService(Application):
             except Exception:
                 self.log.exception("background task %s failed", fn.__name__)
 
+    async def _load_models(self) -> None:
+        try:
+            await self.services.models.start()
+            self.log.info("models ready: %s", ", ".join(self.services.models.names()))
+        except Exception:
+            self.log.exception("loading the startup models failed")
+
     async def flush(self) -> None:
         """Write buffered `last_used` / `last_seen` in one transaction each."""
         await self.services.keys.flush()
@@ -375,8 +381,6 @@ class InferenceService(Application):
 
     async def serve(self) -> None:
         self.app = self.make_app()
-        if self.services.models is not None:
-            await self.services.models.start()
         self.server = httpserver.HTTPServer(self.app, xheaders=True, max_body_size=8 * self.max_body_bytes)
         self.server.listen(self.port, self.ip)
         self.log.info("jupyterhub-inference %s on http://%s:%d%s (identity: %s, database: %s)",
@@ -388,6 +392,10 @@ class InferenceService(Application):
                 loop.add_signal_handler(sig, stop.set)
         self._loop, self._stop = loop, stop
         tasks = [asyncio.ensure_future(self._periodic(self.flush_interval, self.flush))]
+        if self.services.models is not None:
+            # Listen first (the Hub gives up on a service that does not answer), load models meanwhile;
+            # a request for a model still loading waits for it.
+            tasks.append(asyncio.ensure_future(self._load_models()))
         tasks.append(asyncio.ensure_future(self._periodic(self.grants_reload_seconds, self.services.permissions.reload)))
         if self.identity_mode == "hub":
             tasks.append(asyncio.ensure_future(self._periodic(self.hub_sync_interval, self.sync_with_hub)))
@@ -419,7 +427,7 @@ class InferenceService(Application):
 def check_public_routes(handlers) -> None:
     """Refuse to start if a route is public without being on PUBLIC_ROUTES, or the other way round."""
     for path, handler in handlers:
-        public = not issubclass(handler, APIHandler) or handler.auth is Auth.PUBLIC
+        public = handler is pages.OAuthCallbackHandler or (issubclass(handler, APIHandler) and handler.auth is Auth.PUBLIC)
         if public != (path in PUBLIC_ROUTES):
             raise RuntimeError(f"route {path}: public={public} disagrees with PUBLIC_ROUTES")
 
@@ -438,13 +446,17 @@ def _log_request(handler: web.RequestHandler) -> None:
     )
 
 
+CLI_COMMANDS = ("keys", "users", "db", "grants", "audit")
+
+
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("keys", "users", "db", "grants", "audit"):
+    command = next((a for a in argv if a in CLI_COMMANDS or a == "serve"), None)
+    if command in CLI_COMMANDS:
         from .cli import run_cli
 
         sys.exit(run_cli(argv))
-    if argv and argv[0] == "serve":
-        argv = argv[1:]
+    if command == "serve":
+        argv.remove("serve")
     logging.basicConfig(level=logging.INFO, format="[%(levelname).1s %(asctime)s %(name)s] %(message)s")
     InferenceService.launch_instance(argv)

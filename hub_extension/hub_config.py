@@ -18,7 +18,19 @@ CUSTOM_SCOPES = {
         f"custom:inference:{feature}": {"description": f"Use the inference service's '{feature}' feature."}
         for feature in FEATURES
     },
+    "custom:inference:model:*": {"description": "Use every model of the inference service."},
 }
+MODEL_SCOPE_PREFIX = "custom:inference:model:"
+
+
+def model_scopes(roles: list[dict] | None) -> dict[str, dict]:
+    """Definitions for the `custom:inference:model:<name>` scopes the roles use (the Hub needs each defined).
+
+    The Hub allows only lowercase letters, digits, `-`, `_` and `*` in scope names: a model whose name has
+    other characters is granted through database grants instead.
+    """
+    names = {s for r in roles or () for s in r.get("scopes") or () if s.startswith(MODEL_SCOPE_PREFIX)}
+    return {s: {"description": f"Use the inference model '{s[len(MODEL_SCOPE_PREFIX):]}'."} for s in sorted(names)}
 
 # The least the service needs from the Hub: look users up (name, admin flag, groups, roles).
 SERVICE_SCOPES = ["list:users", "read:users", "read:roles:users", "read:groups"]
@@ -45,7 +57,8 @@ def configure(
     `custom:inference:embeddings`. They are added to `c.JupyterHub.load_roles` *and* handed to the service,
     which cannot otherwise learn which scopes a role holds.
     """
-    c.JupyterHub.custom_scopes = {**_get(c, "custom_scopes", {}), **CUSTOM_SCOPES}
+    extra_scopes = {s: d for s, d in model_scopes(roles).items() if s not in CUSTOM_SCOPES}
+    c.JupyterHub.custom_scopes = {**_get(c, "custom_scopes", {}), **CUSTOM_SCOPES, **extra_scopes}
     all_roles = [
         {"name": f"{service_name}-service", "services": [service_name], "scopes": SERVICE_SCOPES},
         # Every user may reach the service (the default `user` role is only `self`).
@@ -76,7 +89,7 @@ def configure(
         "command": [sys.executable, "-m", "hub_extension", "serve", *(extra_args or [])],
         "environment": env,
         "oauth_no_confirm": True,
-        "oauth_client_allowed_scopes": [f"custom:inference:{f}" for f in FEATURES] + ["custom:inference:admin"],
+        "oauth_client_allowed_scopes": sorted({*CUSTOM_SCOPES, *extra_scopes}),
         "display": True,
     }
     services = [s for s in _get(c, "services", []) if s.get("name") != service_name]

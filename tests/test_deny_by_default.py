@@ -11,10 +11,12 @@ import time
 import pytest
 import requests
 from conftest import wait_for
+from tornado.web import RequestHandler
 
 from hub_extension import key_format
 from hub_extension.app import PUBLIC_ROUTES, InferenceService, check_public_routes
 from hub_extension.handlers.base import APIHandler, Auth
+from hub_extension.handlers.pages import OAuthCallbackHandler
 
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 
@@ -26,8 +28,9 @@ def route_requests(app: InferenceService) -> list[tuple[str, str]]:
         if pattern in PUBLIC_ROUTES:
             continue
         path = re.sub(r"\([^)]*\)", "x1", pattern).replace("$", "")
+        base = APIHandler if issubclass(handler, APIHandler) else RequestHandler
         for method in METHODS:
-            if getattr(handler, method.lower()) is not getattr(APIHandler, method.lower()):
+            if getattr(handler, method.lower()) is not getattr(base, method.lower()):
                 out.append((method, path.lstrip("/")))
     # And a path no route matches: the fallback handler authenticates too.
     out.append(("GET", "no/such/route"))
@@ -37,6 +40,9 @@ def route_requests(app: InferenceService) -> list[tuple[str, str]]:
 def refused(instance, method: str, path: str, headers: dict) -> requests.Response:
     body = b'{"model": "tiny-chat", "messages": [], "name": "x"}' if method in ("POST", "PUT", "PATCH") else None
     r = requests.request(method, instance.url + path, headers=headers, data=body, allow_redirects=False, timeout=30)
+    if path == "":  # the account page: browsers are sent to the Hub's login instead
+        assert r.status_code == 302 and "/hub/api/oauth2/authorize" in r.headers["Location"], (headers, r.status_code)
+        return r
     assert r.status_code == 401, (method, path, headers, r.status_code, r.text)
     assert r.headers["Content-Type"].startswith("application/json"), (method, path)
     error = r.json()["error"]
@@ -82,8 +88,10 @@ def dead_credentials(hub):
 
 def test_public_routes_are_the_explicit_list(hub):
     app = hub.instances["postgresql"].app
-    public = {p for p, h in app.routes() if not issubclass(h, APIHandler) or h.auth is Auth.PUBLIC}
+    public = {p for p, h in app.routes() if h is OAuthCallbackHandler or (issubclass(h, APIHandler) and h.auth is Auth.PUBLIC)}
     assert public == set(PUBLIC_ROUTES) == {"/health", "/oauth_callback"}
+    pages = {p for p, h in app.routes() if not issubclass(h, APIHandler) and h is not OAuthCallbackHandler}
+    assert pages == {"/"}  # walked below: it redirects to the Hub's login
 
 
 def test_a_public_route_not_on_the_list_stops_the_start():
@@ -124,3 +132,24 @@ def test_health_is_public(hub, instance):
 def test_browser_without_login_gets_json_not_a_redirect(hub, instance):
     r = requests.get(instance.url + "api/keys", headers={"Accept": "text/html"}, allow_redirects=False)
     assert r.status_code == 401 and r.headers["Content-Type"].startswith("application/json")
+
+
+def test_account_page_redirects_to_hub_login_then_works_with_xsrf(hub, instance):
+    """The browser path: page -> Hub OAuth login -> back to the page; the page's script uses the cookie + XSRF."""
+    user = hub.new_user("web")
+    s = requests.Session()
+    r = s.get(instance.url, allow_redirects=False)
+    assert r.status_code == 302 and "/hub/api/oauth2/authorize" in r.headers["Location"]
+    # Log in to the Hub (shared password), then follow the OAuth dance back to the service.
+    s.get(hub.url + "/hub/login")
+    s.post(hub.url + "/hub/login", data={"username": user, "password": "test-password-1", "_xsrf": s.cookies.get("_xsrf", path="/hub/")})
+    page = s.get(instance.url)
+    assert page.status_code == 200 and user in page.text, (page.url, [h.url for h in page.history], page.text[:800])
+    xsrf = re.search(r'const xsrf = "([^"]+)"', page.text).group(1)
+    # GET with the cookie works; a write without the XSRF header is refused; with it, it works.
+    assert s.get(instance.url + "api/me").json()["authenticated_via"] == "hub_cookie"
+    refused = s.post(instance.url + "api/keys", json={"name": "web"})
+    assert refused.status_code in (401, 403) and "xsrf" in refused.text.lower(), refused.text
+    made = s.post(instance.url + "api/keys", json={"name": "web"}, headers={"X-XSRFToken": xsrf})
+    assert made.status_code == 201, made.text
+    assert requests.get(instance.url + "v1/models", headers={"Authorization": "Bearer " + made.json()["key"]}).status_code == 200

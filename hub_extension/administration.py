@@ -1,0 +1,175 @@
+"""What an administrator does to users, without Tornado: the merged user list, status, grants, view-as.
+
+The handlers in `handlers/admin.py` (and the view-as hook in `handlers/base.py`) only parse and call this;
+the CLI uses the same components directly.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import replace
+
+from .errors import BadRequest, Forbidden, NotFound
+from .identity import ADMIN_SCOPE, Authenticator, Identity
+from .orm import UserStatus
+from .permissions import PermissionPolicy
+from .users import HubUsers, UserDirectory, UserState
+
+log = logging.getLogger("hub_extension.admin")
+
+# The header an admin sends to act as (view the service as) another user.
+ACT_AS_HEADER = "X-Inference-Act-As"
+AUDIT_LIMIT_MAX = 1000
+
+
+class UserAdmin:
+    """Users as an admin sees them: the Hub's users merged with ours, and the changes an admin may make.
+
+    `hub` is None outside `hub` mode (and in the CLI): then only users this service has seen exist.
+    """
+
+    def __init__(self, users: UserDirectory, permissions: PermissionPolicy, hub: HubUsers | None = None):
+        self.users = users
+        self.permissions = permissions
+        self.hub = hub
+
+    def is_admin(self, state) -> bool:
+        return bool(state.hub_admin) or ADMIN_SCOPE in self.permissions.role_scopes(state)
+
+    def _merge(self, ours: dict | None, hub: dict | None) -> dict:
+        """One user's admin model. `status` is null for a Hub user who has not used the service yet.
+
+        There is deliberately no usage field until usage is metered (absent, not zero).
+        """
+        name = (ours or hub)["name"]
+        if hub is not None:
+            groups, roles, hub_admin = sorted(hub.get("groups") or ()), sorted(hub.get("roles") or ()), bool(
+                hub.get("admin")
+            )
+        else:
+            groups, roles, hub_admin = ours["groups"], ours["roles"], ours["hub_admin"]
+        probe = UserState(0, name, "", hub_admin, tuple(groups), tuple(roles), True)
+        return {
+            "name": name,
+            "role": "admin" if self.is_admin(probe) else "user",
+            "status": ours["status"] if ours else None,
+            "groups": groups,
+            "roles": roles,
+            "in_hub": hub is not None if self.hub is not None else ours["in_hub"],
+            "created_at": ours["created_at"] if ours else None,
+            "last_seen": ours["last_seen"] if ours else None,
+            "hub_last_activity": hub.get("last_activity") if hub else None,
+        }
+
+    async def list(self, status: str | None = None) -> list[dict]:
+        if status is not None and status not in UserStatus.ALL:
+            raise BadRequest(f"Unknown status {status!r}; one of {', '.join(UserStatus.ALL)}.", param="status")
+        ours = {u["name"]: u for u in await self.users.list()}
+        hub = {u["name"]: u for u in await self.hub.list()} if self.hub is not None else {}
+        merged = [self._merge(ours.get(n), hub.get(n)) for n in sorted(set(ours) | set(hub))]
+        return [u for u in merged if status is None or u["status"] == status]
+
+    async def detail(self, name: str, models=()) -> dict:
+        ours = await self.users.get_model(name)
+        hub = await self.hub.get(name) if self.hub is not None else None
+        if ours is None and hub is None:
+            raise NotFound(f"No such user: {name}")
+        model = self._merge(ours, hub)
+        model["grants"] = self.permissions.grants("user", name)
+        model["permissions"] = self.permissions.effective(await self.lookup(name), models)
+        return model
+
+    async def lookup(self, name: str) -> UserState:
+        """A user for reading (permissions, grants): ours, or the Hub's if we have not seen them; else 404.
+
+        Unlike `state`, it makes no row: a Hub-only user is described from the Hub's model (id 0, no status).
+        """
+        try:
+            state = await self.users.by_name(name)
+        except NotFound:
+            hub = await self.hub.get(name) if self.hub is not None else None
+            if hub is None:
+                raise
+            return UserState(0, name, "", bool(hub.get("admin")), tuple(sorted(hub.get("groups") or ())),
+                             tuple(sorted(hub.get("roles") or ())), True)
+        if not state.in_hub:
+            raise NotFound(f"No such user: {name}")
+        return state
+
+    async def state(self, name: str) -> UserState:
+        """Our state of a user, for changes: a Hub user we have not seen gets their row now; else 404."""
+        try:
+            state = await self.users.by_name(name)
+        except NotFound:
+            hub = await self.hub.get(name) if self.hub is not None else None
+            if hub is None:
+                raise
+            return await self.users.seen_from_hub(hub)
+        if not state.in_hub:
+            raise NotFound(f"No such user: {name}")
+        return state
+
+    async def set_status(self, name: str, action: str, *, audit: dict, actor_name: str | None = None) -> dict:
+        """`approve|deny|disable|enable`; an admin cannot disable or deny themselves (a lock-out)."""
+        if actor_name == name and action in ("disable", "deny"):
+            raise BadRequest("You cannot disable yourself.")
+        await self.state(name)
+        await self.users.apply_action(name, action, audit=audit)
+        return await self.detail(name)
+
+    async def group_grants_target(self, name: str) -> None:
+        """404 for a group the Hub does not know (when there is a Hub to ask)."""
+        if self.hub is not None and not await self.hub.group_exists(name):
+            raise NotFound(f"No such group: {name}")
+
+    async def act_as(
+        self, identity: Identity, name: str, *, audit_log, client_ip: str | None, method: str, path: str
+    ) -> Identity:
+        """The identity for an admin's request made as user `name`: exactly their rights, never more.
+
+        Refused: callers who are not admins, acting as an admin, acting while already acting. Every accepted
+        request is audited (`impersonate`, with both names); a refused attempt by an admin too.
+        """
+        if not identity.is_admin or identity.acting_admin:
+            raise Forbidden("Only administrators may act as another user.")
+        if not name:
+            raise BadRequest(f"{ACT_AS_HEADER} must name a user.")
+        state = await self.state(name)
+        entry = {"actor": identity.name, "subject": name, "client_ip": client_ip, "details": {"method": method, "path": path}}
+        if self.is_admin(state):
+            await audit_log.record(action="impersonate.refused", **entry)
+            raise Forbidden("Administrators cannot act as another administrator.")
+        Authenticator._check_state(state)  # a disabled or pending user can do nothing, so neither can we as them
+        await audit_log.record(action="impersonate", acting_as=name, **entry)
+        acting = identity.as_user(state, is_admin=False)
+        # An admin's narrowed key stays narrowed while acting.
+        return replace(acting, key_id=identity.key_id, key_features=identity.key_features,
+                       key_models=identity.key_models)
+
+
+def parse_audit_query(args: dict[str, str | None]) -> dict:
+    """`user`, `action`, `since`, `until` (ISO 8601) and `limit` (1..1000) from query arguments; 400 when off."""
+    out: dict = {"user": args.get("user") or None, "action": args.get("action") or None}
+    for name in ("since", "until"):
+        raw = args.get(name)
+        out[name] = None
+        if raw:
+            try:
+                value = dt.datetime.fromisoformat(raw.replace("Z", "+00:00"))
+            except ValueError:
+                raise BadRequest(f"'{name}' must be an ISO 8601 time, e.g. 2026-01-31T12:00:00Z.", param=name) from None
+            if value.tzinfo is not None:
+                value = value.astimezone(dt.UTC).replace(tzinfo=None)
+            out[name] = value
+    raw = args.get("limit") or "100"
+    if not raw.isdigit() or not 1 <= int(raw) <= AUDIT_LIMIT_MAX:
+        raise BadRequest(f"'limit' must be an integer from 1 to {AUDIT_LIMIT_MAX}.", param="limit")
+    out["limit"] = int(raw)
+    return out
+
+
+def user_admin_for(services, hub_auth=None) -> UserAdmin:
+    """The UserAdmin for a running service (`hub_auth` from the app's settings, None outside `hub` mode)."""
+    hub = HubUsers(hub_auth.api_url, hub_auth.api_token) if hub_auth is not None else None
+    return UserAdmin(services.users, services.permissions, hub)
