@@ -18,7 +18,7 @@ from tornado.httpclient import HTTPClientError
 from traitlets import Bool, Dict, Float, Integer, List, Unicode, default, validate
 from traitlets.config import Application
 
-from . import __version__
+from . import __version__, logs
 from .api_keys import KeyManager
 from .audit import AuditLog
 from .db import Database
@@ -50,6 +50,10 @@ class InferenceService(Application):
         "config": "InferenceService.config_file",
         "log-level": "Application.log_level",
     }
+
+    @default("log_level")
+    def _log_level_default(self):
+        return os.environ.get("INFERENCE_LOG_LEVEL", "INFO")
 
     config_file = Unicode("", help="A Python config file (c.InferenceService.... = ...) to load.").tag(config=True)
 
@@ -271,6 +275,9 @@ class InferenceService(Application):
             if not self.allow_remote_none:
                 raise ValueError("identity mode 'none' beyond loopback needs InferenceService.allow_remote_none")
         logging.getLogger("hub_extension").setLevel(self.log_level)
+        # traitlets' own handler on self.log gets the same redaction as the root handler.
+        for handler in self.log.handlers:
+            handler.addFilter(logs.RedactingFilter())
 
     def make_services(self) -> Services:
         db = Database(self.db_url, threads=self.db_threads)
@@ -440,9 +447,11 @@ def _log_request(handler: web.RequestHandler) -> None:
     if status < 400 and handler.request.path.endswith("/health"):
         level = logging.DEBUG
     who = getattr(getattr(handler, "identity", None), "name", "-")
+    ms = 1000 * handler.request.request_time()
     logging.getLogger("hub_extension.access").log(
-        level, "%d %s %s (%s) %.1fms", status, handler.request.method, handler.request.path, who,
-        1000 * handler.request.request_time(),
+        level, "%d %s %s (%s) %.1fms", status, handler.request.method, handler.request.path, who, ms,
+        extra={"status": status, "method": handler.request.method, "path": handler.request.path, "user": who,
+               "duration_ms": round(ms, 2)},
     )
 
 
@@ -458,5 +467,5 @@ def main(argv=None) -> None:
         sys.exit(run_cli(argv))
     if command == "serve":
         argv.remove("serve")
-    logging.basicConfig(level=logging.INFO, format="[%(levelname).1s %(asctime)s %(name)s] %(message)s")
+    logs.configure(os.environ.get("INFERENCE_LOG_FORMAT", "text"))
     InferenceService.launch_instance(argv)

@@ -170,3 +170,22 @@ def test_key_limits_and_validation(hub):
     r = requests.post(instance.url + "api/keys", headers=headers, json={"name": "one too many"})
     assert r.status_code == 409 and str(app_limit) in r.json()["error"]["message"]
     assert len(requests.get(instance.url + "api/keys", headers=headers).json()["keys"]) == limit
+
+
+def test_no_key_in_the_service_logs(hub, caplog):
+    """Keys used every which way never reach a log line (the Hub-managed instance logs into the Hub's log)."""
+    issued = []
+    for instance in hub.instances.values():
+        token = hub.api.user_token(hub.new_user("log"))
+        made = requests.post(instance.url + "api/keys", headers=bearer(token), json={"name": "log"}).json()
+        issued.append(made["key"])
+        requests.get(instance.url + "v1/models", headers=bearer(made["key"]))
+        requests.get(instance.url + f"v1/models?api_key={made['key']}")
+        requests.get(instance.url + "no/such/route", headers={"x-api-key": made["key"]})
+        requests.post(instance.url + "v1/chat/completions", headers=bearer(made["key"]), data=b"{bad json")
+        requests.delete(instance.url + f"api/keys/{made['id']}", headers=bearer(token))
+        requests.get(instance.url + "v1/models", headers=bearer(made["key"]))  # revoked now
+    time.sleep(1)
+    text = hub.log_path.read_text(errors="replace") + caplog.text
+    for key in issued:
+        assert key not in text

@@ -123,3 +123,27 @@ def test_cli_keys_and_users(db_url, tmp_path):
     assert code == 0 and "alice" in out
     code, _, err = cli("keys", "create", "--user", "alice", "--name", "x", "--features", "teleport")
     assert code == 1 and "teleport" in err
+
+
+def test_json_logs_and_no_secret_in_any_log_line(tmp_path):
+    proc, url = serve(tmp_path, "--identity=static", env={"INFERENCE_API_KEYS": "sk-static-secret",
+                                                            "INFERENCE_LOG_FORMAT": "json"})
+    made_up = "jhi_" + "A" * 49
+    try:
+        requests.get(url + "v1/models", headers={"Authorization": "Bearer sk-static-secret"})
+        requests.get(url + "v1/models", headers={"Authorization": f"Bearer {made_up}"})
+        requests.get(url + f"v1/models?api_key={made_up}")
+        requests.get(url + "v1/models?token=sk-static-secret")
+    finally:
+        out = stop(proc)
+    assert "sk-static-secret" not in out and made_up not in out
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    access = [rec for rec in lines if rec["logger"] == "hub_extension.access"]
+    assert access and {"status", "method", "path", "user", "duration_ms"} <= set(access[0])
+
+
+def test_redaction_filter():
+    from hub_extension import key_format, logs
+
+    key = key_format.generate()
+    assert key not in logs.redact(f"oops {key} leaked") and key[:12] in logs.redact(key)
