@@ -148,6 +148,15 @@ class Hub:
     def new_user(self, prefix: str = "u", admin: bool = False) -> str:
         return self.api.create_user(f"{prefix}-{secrets.token_hex(4)}", admin=admin)
 
+    def new_admin(self) -> str:
+        """A fresh service admin: a member of the Hub group whose role grants `custom:inference:admin`.
+
+        (The Hub lets only its own admins create Hub admins; the tests' Hub client is a service.)
+        """
+        name = self.new_user("adm")
+        self.api.add_to_group("inference-admins", name)
+        return name
+
 
 class ServiceThread(threading.Thread):
     """Runs an InferenceService on its own event loop in this process."""
@@ -170,6 +179,16 @@ class ServiceThread(threading.Thread):
     def stop(self) -> None:
         self.app.stop()
         self.join(30)
+
+
+UPSTREAM_ENTRIES = """
+  - name: upstream-chat
+    task: chat
+    upstream: {{base_url: "{base}", api_key_env: INFERENCE_TEST_UPSTREAM_KEY, model: tiny-chat}}
+  - name: upstream-embed
+    task: embedding
+    upstream: {{base_url: "{base}", api_key_env: INFERENCE_TEST_UPSTREAM_KEY, model: minilm}}
+"""
 
 
 def _hub_config(tmp: Path, ports: dict, tokens: dict, sqlite_url: str, models: Path) -> str:
@@ -199,6 +218,7 @@ configure(
     db_url={sqlite_url!r},
     models_config={str(models)!r},
     roles={TEST_ROLES!r},
+    environment={{"INFERENCE_API_KEYS": {tokens['upstream']!r}}},  # the PostgreSQL instance's upstream key
     extra_args=[
         "--InferenceService.hub_sync_interval={HUB_SYNC_SECONDS}",
         "--InferenceService.hub_token_cache_seconds={CACHE_SECONDS}",
@@ -226,7 +246,7 @@ def hub(tmp_path_factory, model_config_file, pg_url):  # noqa: F811
         pytest.fail("configurable-http-proxy is missing: run `make setup`")
     tmp = tmp_path_factory.mktemp("hub")
     ports = {k: free_port() for k in ("public", "hub", "proxy_api", "service", "service_pg")}
-    tokens = {"tester": secrets.token_hex(32), "pg": secrets.token_hex(32)}
+    tokens = {"tester": secrets.token_hex(32), "pg": secrets.token_hex(32), "upstream": secrets.token_hex(32)}
     sqlite_url = f"sqlite:///{tmp / 'inference.sqlite'}"
     (tmp / "jupyterhub_config.py").write_text(_hub_config(tmp, ports, tokens, sqlite_url, model_config_file))
     log_path = tmp / "hub.log"
@@ -248,7 +268,13 @@ def hub(tmp_path_factory, model_config_file, pg_url):  # noqa: F811
     cfg.InferenceService.port = ports["service_pg"]
     cfg.InferenceService.base_url = "/services/inference-pg/"
     cfg.InferenceService.db_url = pg_url
-    cfg.InferenceService.models_config = str(model_config_file)
+    # The PostgreSQL instance also serves models of the SQLite instance as an upstream (E6), through its
+    # static key: two instances of our own service, one in front of the other.
+    pg_models = tmp / "models-pg.yaml"
+    upstream_base = f"http://127.0.0.1:{ports['service']}/services/inference/v1"
+    pg_models.write_text(Path(model_config_file).read_text() + UPSTREAM_ENTRIES.format(base=upstream_base))
+    os.environ["INFERENCE_TEST_UPSTREAM_KEY"] = tokens["upstream"]
+    cfg.InferenceService.models_config = str(pg_models)
     cfg.InferenceService.hub_sync_interval = HUB_SYNC_SECONDS
     cfg.InferenceService.hub_token_cache_seconds = CACHE_SECONDS
     cfg.InferenceService.user_cache_seconds = CACHE_SECONDS

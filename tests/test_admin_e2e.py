@@ -14,7 +14,6 @@ import re
 import pytest
 import requests
 from conftest import CACHE_SECONDS, HUB_SYNC_SECONDS, TEST_ROLES, ServiceThread, free_port, wait_for
-from test_authz_matrix import new_admin
 
 from hub_extension import key_format
 from hub_extension.cli import run_cli
@@ -122,7 +121,7 @@ def test_admin_scope_through_a_hub_group(hub, instance):
 
 def test_taking_a_feature_refuses_existing_keys_at_once(hub, instance):
     url = instance.url
-    admin = bearer(hub.api.user_token(new_admin(hub)))
+    admin = bearer(hub.api.user_token(hub.new_admin()))
     user = hub.new_user("narrow")
     token = hub.api.user_token(user)
     full, narrowed = new_key(url, token), new_key(url, token, features=["chat"], models=["tiny-chat"])
@@ -157,7 +156,7 @@ def test_group_grants_two_models_and_embeddings(hub, instance):
     """The issue's story: an admin sees every user, grants a group two models and `embeddings`, narrows a user,
     and reads what happened."""
     url = instance.url
-    admin_name = new_admin(hub)
+    admin_name = hub.new_admin()
     admin = bearer(hub.api.user_token(admin_name))
     member, outsider = hub.new_user("member"), hub.new_user("outsider")
     group = f"team-{member}"
@@ -207,7 +206,7 @@ def test_approve_and_deny_pending_users(hub):
     """Pending users are made by the login flow; here the in-process instance marks them pending directly."""
     instance = hub.instances["postgresql"]
     url, app = instance.url, instance.app
-    admin_name = new_admin(hub)
+    admin_name = hub.new_admin()
     admin = bearer(hub.api.user_token(admin_name))
     alice, bob = hub.new_user("pend"), hub.new_user("pend")
     for name in (alice, bob):
@@ -229,7 +228,7 @@ def test_approve_and_deny_pending_users(hub):
 
 def test_audit_log_one_entry_per_change(hub, instance):
     url = instance.url
-    admin_name = new_admin(hub)
+    admin_name = hub.new_admin()
     admin = bearer(hub.api.user_token(admin_name))
     user = hub.new_user("aud")
     token = hub.api.user_token(user)
@@ -291,7 +290,7 @@ def all_audit_events(url: str, admin: dict) -> list[dict]:
 def test_the_audit_log_holds_no_secret(hub, instance):
     """Search the whole log for every key this module issued, and for anything shaped like a key at all."""
     url = instance.url
-    admin = bearer(hub.api.user_token(new_admin(hub)))
+    admin = bearer(hub.api.user_token(hub.new_admin()))
     user = hub.new_user("sec")
     token = hub.api.user_token(user)
     new_key(url, token)

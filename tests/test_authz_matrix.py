@@ -99,16 +99,6 @@ def test_every_route_has_a_row(hub):
     assert rows - routes == set(), "rows for routes that no longer exist"
 
 
-def new_admin(hub) -> str:
-    """A fresh service admin: a member of the Hub group whose role grants `custom:inference:admin`.
-
-    (The Hub lets only its own admins create Hub admins; the tests' Hub client is a service.)
-    """
-    name = hub.new_user("adm")
-    hub.api.add_to_group("inference-admins", name)
-    return name
-
-
 def bearer(token: str) -> dict:
     return {"Authorization": f"Bearer {token}"}
 
@@ -116,7 +106,7 @@ def bearer(token: str) -> dict:
 def callers(hub, instance) -> tuple[dict[str, dict], dict]:
     """Fresh users for every column, set up through the admin API; returns headers per column and names."""
     api, url = hub.api, instance.url
-    admin, other_admin = new_admin(hub), new_admin(hub)
+    admin, other_admin = hub.new_admin(), hub.new_admin()
     names = {c: hub.new_user(c.replace("_", "")) for c in ("no_feature", "no_model", "user", "narrowed", "disabled")}
     names |= {"actee": hub.new_user("actee"), "victim": hub.new_user("victim"), "nonce": secrets.token_hex(4)}
     names["group"] = f"matrix-{names['nonce']}"
