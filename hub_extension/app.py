@@ -282,7 +282,12 @@ class InferenceService(Application):
     def make_services(self) -> Services:
         db = Database(self.db_url, threads=self.db_threads)
         db.upgrade()
-        users = UserDirectory(db, cache_seconds=self.user_cache_seconds, new_user_status=self.new_user_status)
+        users = UserDirectory(
+            db,
+            cache_seconds=self.user_cache_seconds,
+            new_user_status=self.new_user_status,
+            blocked_group=self.hub_blocked_group,
+        )
         keys = KeyManager(
             db,
             default_lifetime_days=self.key_default_lifetime_days,
@@ -382,7 +387,7 @@ class InferenceService(Application):
     async def sync_with_hub(self) -> None:
         """Mark users the Hub deleted or blocked, refresh admin flags, groups and roles."""
         hub_users = await fetch_hub_users(self.hub_auth.api_url, self.hub_auth.api_token)
-        changed = await self.services.users.sync(hub_users, self.hub_blocked_group)
+        changed = await self.services.users.sync(hub_users)
         if changed:
             self.log.info("hub sync: %d user(s) changed: %s", len(changed), ", ".join(changed[:20]))
 

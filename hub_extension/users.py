@@ -73,7 +73,15 @@ def user_model(row: User) -> dict:
 
 
 class UserDirectory:
-    def __init__(self, db: Database, *, cache_seconds: float = 10.0, new_user_status: str = UserStatus.ACTIVE):
+    def __init__(
+        self,
+        db: Database,
+        *,
+        cache_seconds: float = 10.0,
+        new_user_status: str = UserStatus.ACTIVE,
+        blocked_group: str = "inference-blocked",
+    ):
+        self.blocked_group = blocked_group  # members are refused as if the Hub had deleted them
         self.db = db
         self.cache_seconds = cache_seconds
         self.new_user_status = new_user_status
@@ -137,7 +145,7 @@ class UserDirectory:
         groups = tuple(sorted(hub_user.get("groups") or ()))
         admin = bool(hub_user.get("admin"))
         state = self._fresh(self._by_name.get(name))
-        if state is not None and state.groups == groups and state.hub_admin == admin and state.in_hub:
+        if state is not None and state.groups == groups and state.hub_admin == admin:
             return state
         roles = hub_user.get("roles")
         state = await self.db.run(self._upsert, name, admin, groups, tuple(roles) if roles is not None else None)
@@ -155,7 +163,8 @@ class UserDirectory:
         row.hub_groups = list(groups)
         if roles is not None:
             row.hub_roles = list(roles)
-        row.in_hub = True
+        # The Hub vouched for this user just now, so they exist; membership of the blocked group still counts.
+        row.in_hub = self.blocked_group not in groups
         session.flush()
         return UserState.from_row(row)
 
@@ -226,13 +235,13 @@ class UserDirectory:
 
     # -- Hub sync -----------------------------------------------------------------------------------
 
-    def apply_hub_listing(self, session: Session, hub_users: list[dict], blocked_group: str) -> list[str]:
+    def apply_hub_listing(self, session: Session, hub_users: list[dict]) -> list[str]:
         """Bring every known user in line with a complete Hub listing; returns names whose state changed."""
         by_name = {u["name"]: u for u in hub_users}
         changed = []
         for row in session.execute(select(User)).scalars():
             hub = by_name.get(row.name)
-            in_hub = hub is not None and blocked_group not in (hub.get("groups") or ())
+            in_hub = hub is not None and self.blocked_group not in (hub.get("groups") or ())
             if hub is not None:
                 groups = sorted(hub.get("groups") or ())
                 roles = sorted(hub.get("roles") or ())
@@ -248,8 +257,8 @@ class UserDirectory:
         session.flush()
         return changed
 
-    async def sync(self, hub_users: list[dict], blocked_group: str) -> list[str]:
-        changed = await self.db.run(self.apply_hub_listing, hub_users, blocked_group)
+    async def sync(self, hub_users: list[dict]) -> list[str]:
+        changed = await self.db.run(self.apply_hub_listing, hub_users)
         if changed:
             self._by_id.clear()
             self._by_name.clear()

@@ -138,7 +138,7 @@ async def test_hub_sync_marks_deleted_and_blocked_users(parts):
         {"name": "alice", "admin": True, "groups": ["ml"], "roles": ["user"]},
         {"name": "carol", "admin": False, "groups": ["inference-blocked"], "roles": []},
     ]
-    changed = await users.sync(listing, "inference-blocked")
+    changed = await users.sync(listing)
     assert set(changed) >= {"alice", "bob", "carol"}
     by = {u["name"]: u for u in await users.list()}
     assert by["alice"]["hub_admin"] and by["alice"]["groups"] == ["ml"] and by["alice"]["in_hub"]

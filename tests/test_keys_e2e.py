@@ -87,6 +87,11 @@ def test_blocked_group_loses_access(hub, instance):
     hub.api.add_to_group("inference-blocked", user)
     wait_for(lambda: requests.get(instance.url + "v1/models", headers=bearer(secret)).status_code == 401,
              timeout=30, interval=0.2, what="key refused after block")
+    # The user's Hub token is refused too (once its cached identity ages out), and using it must not
+    # "restore" the user: the key stays refused.
+    wait_for(lambda: requests.get(instance.url + "v1/models", headers=bearer(token)).status_code == 401,
+             timeout=30, interval=0.2, what="Hub token refused after block")
+    assert requests.get(instance.url + "v1/models", headers=bearer(secret)).status_code == 401
     hub.api.remove_from_group("inference-blocked", user)
     wait_for(lambda: requests.get(instance.url + "v1/models", headers=bearer(secret)).status_code == 200,
              timeout=30, interval=0.2, what="key accepted after unblock")
