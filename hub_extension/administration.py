@@ -80,35 +80,34 @@ class UserAdmin:
         model["permissions"] = self.permissions.effective(await self.lookup(name), models)
         return model
 
+    async def _find(self, name: str) -> tuple[UserState | None, dict | None]:
+        """(our state, None) for a user we know, (None, the Hub's model) for a Hub-only user; else 404."""
+        try:
+            state = await self.users.by_name(name)
+        except NotFound:
+            hub = await self.hub.get(name) if self.hub is not None else None
+            if hub is None:
+                raise
+            return None, hub
+        if not state.in_hub:
+            raise NotFound(f"No such user: {name}")
+        return state, None
+
     async def lookup(self, name: str) -> UserState:
         """A user for reading (permissions, grants): ours, or the Hub's if we have not seen them; else 404.
 
         Unlike `state`, it makes no row: a Hub-only user is described from the Hub's model (id 0, no status).
         """
-        try:
-            state = await self.users.by_name(name)
-        except NotFound:
-            hub = await self.hub.get(name) if self.hub is not None else None
-            if hub is None:
-                raise
-            return UserState(0, name, "", bool(hub.get("admin")), tuple(sorted(hub.get("groups") or ())),
-                             tuple(sorted(hub.get("roles") or ())), True)
-        if not state.in_hub:
-            raise NotFound(f"No such user: {name}")
-        return state
+        state, hub = await self._find(name)
+        if state is not None:
+            return state
+        return UserState(0, name, "", bool(hub.get("admin")), tuple(sorted(hub.get("groups") or ())),
+                         tuple(sorted(hub.get("roles") or ())), True)
 
     async def state(self, name: str) -> UserState:
         """Our state of a user, for changes: a Hub user we have not seen gets their row now; else 404."""
-        try:
-            state = await self.users.by_name(name)
-        except NotFound:
-            hub = await self.hub.get(name) if self.hub is not None else None
-            if hub is None:
-                raise
-            return await self.users.seen_from_hub(hub)
-        if not state.in_hub:
-            raise NotFound(f"No such user: {name}")
-        return state
+        state, hub = await self._find(name)
+        return state if state is not None else await self.users.seen_from_hub(hub)
 
     async def set_status(self, name: str, action: str, *, audit: dict, actor_name: str | None = None) -> dict:
         """`approve|deny|disable|enable`; an admin cannot disable or deny themselves (a lock-out)."""
