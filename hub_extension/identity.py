@@ -16,7 +16,7 @@ import hashlib
 import hmac
 import logging
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from . import key_format
 from .api_keys import KeyManager
@@ -208,6 +208,3 @@ class Authenticator:
             raise Forbidden("This account is disabled.", code="user_disabled")
         if state.status == UserStatus.PENDING:
             raise Forbidden("This account is awaiting approval.", code="user_pending")
-
-
-__all__ = ["Authenticator", "Identity", "StaticKeys", "presented_credential", "replace"]
