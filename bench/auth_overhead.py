@@ -3,10 +3,10 @@
 One invocation, for SQLite and for PostgreSQL: starts a real JupyterHub (to vouch for the Hub token), runs
 the service on loopback as a separate process in each mode, drives the same fixed number of requests with
 16 concurrent keep-alive clients straight at the service (the Hub's proxy would add the same cost to each),
-and prints requests/s. Then the p50 of one warm key check in-process. Last line:
+the modes taking turns in several rounds, and prints requests/s. Then the p50 of one warm key check in-process. Last line:
 `key_vs_none=<keyed throughput / none throughput, the lower of the two databases>`.
 
-    .venv/bin/python bench/auth_overhead.py [--requests 20000] [--clients 16]
+    .venv/bin/python bench/auth_overhead.py [--requests 20000] [--clients 16] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -137,30 +137,37 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(30)
 
 
-def measure_database(label: str, db_url: str, hub: dict, total: int, clients: int) -> dict:
-    results = {}
-    port = hub["service_port"]
+def measure_database(label: str, db_url: str, hub: dict, total: int, clients: int, rounds: int) -> dict:
+    """Both services run side by side; the modes take turns for `rounds` rounds, so drift and noise on this
+    shared machine fall on all of them alike. Each mode gets `total` requests in all."""
     user = f"bench-{secrets.token_hex(3)}"
     admin = {"Authorization": f"token {hub['admin']}"}
     requests.post(f"http://127.0.0.1:{hub['public']}/hub/api/users/{user}", headers=admin).raise_for_status()
     hub_token = requests.post(f"http://127.0.0.1:{hub['public']}/hub/api/users/{user}/tokens", headers=admin,
                               json={"note": "bench"}).json()["token"]
-    for mode in ("none", "hub-key", "hub-token"):
-        proc = start_service(port, db_url, "none" if mode == "none" else "hub", hub)
-        try:
-            if mode == "none":
-                headers = {}
-            elif mode == "hub-key":
-                key = requests.post(f"http://127.0.0.1:{port}/api/keys", json={"name": "bench"},
-                                    headers={"Authorization": f"token {hub_token}"}).json()["key"]
-                headers = {"Authorization": f"Bearer {key}"}
-            else:
-                headers = {"Authorization": f"token {hub_token}"}
-            asyncio.run(drive(port, "/v1/models", headers, 500, clients))  # warm-up: caches, JIT-free paths
-            results[mode] = asyncio.run(drive(port, "/v1/models", headers, total, clients))
-            print(f"{label:<11} {mode:<10} {total} requests  {results[mode]:8.0f} req/s", flush=True)
-        finally:
+    none_port, hub_port = free_port(), hub["service_port"]
+    procs = [start_service(none_port, db_url, "none", hub), start_service(hub_port, db_url, "hub", hub)]
+    try:
+        key = requests.post(f"http://127.0.0.1:{hub_port}/api/keys", json={"name": "bench"},
+                            headers={"Authorization": f"token {hub_token}"}).json()["key"]
+        modes = {
+            "none": (none_port, {}),
+            "hub-key": (hub_port, {"Authorization": f"Bearer {key}"}),
+            "hub-token": (hub_port, {"Authorization": f"token {hub_token}"}),
+        }
+        seconds = dict.fromkeys(modes, 0.0)
+        for port, headers in modes.values():
+            asyncio.run(drive(port, "/v1/models", headers, 500, clients))  # warm-up: caches, connections
+        per_round = total // rounds
+        for _ in range(rounds):
+            for mode, (port, headers) in modes.items():
+                seconds[mode] += per_round / asyncio.run(drive(port, "/v1/models", headers, per_round, clients))
+    finally:
+        for proc in procs:
             stop(proc)
+    results = {mode: per_round * rounds / s for mode, s in seconds.items()}
+    for mode, rate in results.items():
+        print(f"{label:<11} {mode:<10} {per_round * rounds} requests  {rate:8.0f} req/s", flush=True)
     return results
 
 
@@ -191,6 +198,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -201,7 +209,7 @@ def main() -> None:
             ratios = {}
             with temp_database("jhi_bench") as pg:
                 for label, url in (("sqlite", f"sqlite:///{tmp / 'bench.sqlite'}"), ("postgresql", pg)):
-                    r = measure_database(label, url, hub, args.requests, args.clients)
+                    r = measure_database(label, url, hub, args.requests, args.clients, args.rounds)
                     ratios[label] = (r["hub-key"] / r["none"], r["hub-token"] / r["none"])
                     print(f"{label:<11} key/none={ratios[label][0]:.3f} hub_token/none={ratios[label][1]:.3f}")
             p50 = key_check_p50_us(f"sqlite:///{tmp / 'p50.sqlite'}")

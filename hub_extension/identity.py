@@ -140,7 +140,7 @@ class Authenticator:
             return await self._from_key(credential)
         if handler.request.headers.get("x-api-key") and not handler.request.headers.get("Authorization"):
             raise Unauthorized("Invalid API key.")  # x-api-key carries only our keys, never Hub tokens
-        return await self._from_hub(handler)
+        return await self._from_hub(handler, credential)
 
     async def _from_key(self, secret: str) -> Identity:
         record = await self.keys.check(secret)
@@ -158,8 +158,12 @@ class Authenticator:
             key_models=record.models,
         )
 
-    async def _from_hub(self, handler) -> Identity:
-        hub_user = await self.hub_auth.get_user(handler, sync=False)
+    async def _from_hub(self, handler, token: str | None) -> Identity:
+        if token:  # a Hub API token in the header: asked of the Hub (cached), never falling back to a cookie
+            hub_user = await self.hub_auth.user_for_token(token, sync=False)
+            handler._token_authenticated = True  # JupyterHub's XSRF rules: token requests need no XSRF
+        else:  # a browser with the Hub's OAuth cookie (HubOAuth applies the XSRF check for writes)
+            hub_user = await self.hub_auth.get_user(handler, sync=False)
         if not hub_user:
             raise Unauthorized("Authentication required: a Hub token, a Hub login or an API key.")
         if hub_user.get("kind", "user") != "user":
@@ -172,7 +176,7 @@ class Authenticator:
         self._check_state(state)
         self.users.note_seen(state.id)
         hub_scopes = frozenset(s for s in scopes if s.startswith("custom:inference:"))
-        via = "hub_token" if getattr(handler, "_token_authenticated", False) else "hub_cookie"
+        via = "hub_token" if token else "hub_cookie"
         return Identity(
             name=state.name,
             via=via,
