@@ -166,9 +166,3 @@ def parse_audit_query(args: dict[str, str | None]) -> dict:
         raise BadRequest(f"'limit' must be an integer from 1 to {AUDIT_LIMIT_MAX}.", param="limit")
     out["limit"] = int(raw)
     return out
-
-
-def user_admin_for(services, hub_auth=None) -> UserAdmin:
-    """The UserAdmin for a running service (`hub_auth` from the app's settings, None outside `hub` mode)."""
-    hub = HubUsers(hub_auth.api_url, hub_auth.api_token) if hub_auth is not None else None
-    return UserAdmin(services.users, services.permissions, hub)

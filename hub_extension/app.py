@@ -19,6 +19,7 @@ from traitlets import Bool, Dict, Float, Integer, List, Unicode, default, valida
 from traitlets.config import Application
 
 from . import __version__, logs
+from .administration import UserAdmin
 from .api_keys import KeyManager
 from .audit import AuditLog
 from .db import Database
@@ -28,7 +29,7 @@ from .identity import Authenticator, StaticKeys
 from .orm import UserStatus
 from .permissions import FEATURES, PermissionPolicy
 from .services import Services
-from .users import UserDirectory, fetch_hub_users
+from .users import HubUsers, UserDirectory
 
 # The only routes that answer without credentials. A test checks the route table against this list.
 PUBLIC_ROUTES = frozenset({"/health", "/oauth_callback"})
@@ -297,8 +298,8 @@ class InferenceService(Application):
             known_features=frozenset(FEATURES),
         )
         authenticator = None
+        self.hub_auth = self._make_hub_auth() if self.identity_mode == "hub" else None
         if self.identity_mode != "none":
-            self.hub_auth = self._make_hub_auth() if self.identity_mode == "hub" else None
             authenticator = Authenticator(
                 mode=self.identity_mode,
                 static_keys=StaticKeys(self.static_keys),
@@ -315,12 +316,15 @@ class InferenceService(Application):
             reload_seconds=self.grants_reload_seconds,
         )
         permissions.load()
+        hub_users = HubUsers(self.hub_auth.api_url, self.hub_auth.api_token) if self.hub_auth else None
         return Services(
             db=db,
             keys=keys,
             users=users,
             audit=AuditLog(db),
             permissions=permissions,
+            hub=hub_users,
+            admin=UserAdmin(users, permissions, hub_users),
             authenticator=authenticator,
             models=self._make_models(),
             max_body_bytes=self.max_body_bytes,
@@ -386,7 +390,7 @@ class InferenceService(Application):
 
     async def sync_with_hub(self) -> None:
         """Mark users the Hub deleted or blocked, refresh admin flags, groups and roles."""
-        hub_users = await fetch_hub_users(self.hub_auth.api_url, self.hub_auth.api_token)
+        hub_users = await self.services.hub.list()
         changed = await self.services.users.sync(hub_users)
         if changed:
             self.log.info("hub sync: %d user(s) changed: %s", len(changed), ", ".join(changed[:20]))

@@ -21,6 +21,8 @@ class Services:
     audit: AuditLog
     permissions: PermissionPolicy
     authenticator: Authenticator | None  # None in mode `none`: nothing on the request path checks anything
+    hub: Any = None  # users.HubUsers: the Hub's REST API (None outside `hub` mode)
+    admin: Any = None  # administration.UserAdmin
     models: Any = None  # engine.ModelManager
     max_body_bytes: int = 8 * 1024 * 1024
     usage_sinks: list = field(default_factory=list)

@@ -7,7 +7,7 @@ write JSON; every change is audited by the component in the same transaction as 
 
 from __future__ import annotations
 
-from ..administration import parse_audit_query, user_admin_for
+from ..administration import parse_audit_query
 from ..errors import Forbidden
 from .account import KeyOwnerMixin, _key_id, registry_names
 from .base import APIHandler, Auth
@@ -23,7 +23,7 @@ class AdminHandler(KeyOwnerMixin, APIHandler):
 
     @property
     def admin(self):
-        return user_admin_for(self.services, self.settings.get("hub_auth"))
+        return self.services.admin
 
 
 class UsersHandler(AdminHandler):

@@ -14,7 +14,7 @@ from typing import Any
 
 from tornado import web
 
-from ..administration import ACT_AS_HEADER, user_admin_for
+from ..administration import ACT_AS_HEADER
 from ..errors import ApiError, BadRequest, Forbidden, NotFound, PayloadTooLarge, Unauthorized
 from ..identity import Identity
 
@@ -70,7 +70,7 @@ class APIHandler(web.RequestHandler):
                 self.check_xsrf_cookie()
         act_as = self.request.headers.get(ACT_AS_HEADER)
         if act_as is not None:  # view as user (D4): from here on the request runs as that user, never more
-            self.identity = await user_admin_for(self.services, self.settings.get("hub_auth")).act_as(
+            self.identity = await self.services.admin.act_as(
                 self.identity, act_as.strip(), audit_log=self.services.audit, client_ip=self.request.remote_ip,
                 method=self.request.method, path=self.request.path,
             )
