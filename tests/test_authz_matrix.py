@@ -35,9 +35,9 @@ def admin_route(status: int) -> tuple:
 ROWS = [
     ("/health", "GET", "health", None, (200,) * 10),
     ("/oauth_callback", "GET", "oauth_callback", None, (400,) * 10),  # the Hub's OAuth handler: no code, 400
-    # The account page (browser, Hub login only): no Hub login redirects to it; the page is a shell whose data
-    # comes from /api (which applies status and permissions), so any Hub user gets the shell.
-    ("/", "GET", "", None, (302, 302, 200, 200, 200, 302, 200, 200, 200, 200)),
+    # The account page (browser, Hub login only): no Hub login redirects to it; a disabled user is told so; the
+    # page is a shell whose data comes from /api (which applies permissions), so other Hub users get the shell.
+    ("/", "GET", "", None, (302, 302, 200, 200, 200, 302, 403, 200, 200, 200)),
     #                                                anon garb nofeat nomodel user narrow disab admin asusr asadm
     ("/api/me", "GET", "api/me", None, (401, 401, 200, 200, 200, 200, 403, 200, 200, 403)),
     ("/api/me/permissions", "GET", "api/me/permissions", None, (401, 401, 200, 200, 200, 200, 403, 200, 200, 403)),

@@ -10,6 +10,8 @@ from __future__ import annotations
 from jupyterhub.services.auth import HubOAuthCallbackHandler, HubOAuthenticated
 from tornado import web
 
+from ..orm import UserStatus
+
 
 class _AppHubAuth:
     """Use this app's HubOAuth (JupyterHub's mixins default to a process-wide singleton)."""
@@ -33,6 +35,10 @@ class AccountPageHandler(_AppHubAuth, HubOAuthenticated, web.RequestHandler):
         access = self.hub_auth.access_scopes
         if access and not self.hub_auth.check_scopes(access, self._hub_user):
             raise web.HTTPError(403, "Your Hub account has no access to the inference service.")
+        state = await self.settings["services"].users.seen_from_hub(self._hub_user)
+        if not state.in_hub or state.status != UserStatus.ACTIVE:
+            reason = "blocked" if not state.in_hub else state.status
+            raise web.HTTPError(403, f"Your account is {reason}; ask an administrator.")
 
     def get_current_user(self):
         return getattr(self, "_hub_user", None)
