@@ -41,6 +41,15 @@ class InferenceService(Application):
     name = "jupyterhub-inference"
     version = __version__
     description = "Serve language models to JupyterHub users with per-user API keys and permissions."
+    examples = """
+jupyterhub-inference serve --models=models.yaml     # usually started by the Hub (jupyterhub_config.py)
+jupyterhub-inference serve --identity=static         # standalone; keys from $INFERENCE_API_KEYS
+jupyterhub-inference db upgrade
+jupyterhub-inference users list|disable|enable|approve|deny ...   (each with --help)
+jupyterhub-inference keys list|create|revoke --user NAME ...
+jupyterhub-inference grants show|set ...
+jupyterhub-inference audit [--user NAME] [--action A] [--since ISO]
+"""
 
     aliases = {
         "ip": "InferenceService.ip",
