@@ -33,13 +33,13 @@ class KeyRecord:
     id: int
     user_id: int
     name: str
-    expires_at: dt.datetime | None
+    expires: float | None  # POSIX time: the hot path compares floats, not datetimes
     revoked: bool
     features: tuple[str, ...] | None
     models: tuple[str, ...] | None
 
-    def expired(self, now: dt.datetime) -> bool:
-        return self.expires_at is not None and self.expires_at <= now
+    def expired(self, now: float) -> bool:
+        return self.expires is not None and self.expires <= now
 
 
 _UNKNOWN = None  # a well-formed key we never issued (negative cache entry)
@@ -59,6 +59,10 @@ def key_model(row: ApiKey) -> dict:
         "models": row.models,
         "created_by": row.created_by,
     }
+
+
+def _naive_utc(posix: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(posix, dt.UTC).replace(tzinfo=None)
 
 
 def _iso(value: dt.datetime | None) -> str | None:
@@ -86,7 +90,7 @@ class KeyManager:
         self.known_features = known_features
         self._cache: OrderedDict[str, tuple[float, KeyRecord | None]] = OrderedDict()
         self._generation = 0  # bumped on every invalidation so an in-flight miss cannot re-cache a revoked key
-        self._last_used: dict[int, dt.datetime] = {}
+        self._last_used: dict[int, float] = {}  # key id -> POSIX time, written in batches
 
     # -- checking (hot path) -----------------------------------------------------------------------
 
@@ -106,7 +110,7 @@ class KeyManager:
                 self._remember(hashed, record, now)
         if record is None or record.revoked:
             raise Unauthorized("Invalid API key.")
-        wall = utcnow()
+        wall = time.time()
         if record.expired(wall):
             raise Unauthorized("This API key has expired.")
         self._last_used[record.id] = wall
@@ -121,7 +125,7 @@ class KeyManager:
             id=row.id,
             user_id=row.user_id,
             name=row.name,
-            expires_at=row.expires_at,
+            expires=row.expires_at.replace(tzinfo=dt.UTC).timestamp() if row.expires_at else None,
             revoked=row.revoked_at is not None,
             features=tuple(row.features) if row.features is not None else None,
             models=tuple(row.models) if row.models is not None else None,
@@ -150,7 +154,7 @@ class KeyManager:
         if pending:
             session.execute(
                 update(ApiKey),
-                [{"id": key_id, "last_used": when} for key_id, when in pending.items()],
+                [{"id": key_id, "last_used": _naive_utc(when)} for key_id, when in pending.items()],
             )
         return len(pending)
 

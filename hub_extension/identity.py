@@ -122,6 +122,7 @@ class Authenticator:
         self.hub_auth = hub_auth
         self.hub_roles = hub_roles or []
         self.failures = 0  # for metrics
+        self._key_identities: dict[int, tuple] = {}
 
     async def authenticate(self, handler) -> Identity:
         try:
@@ -146,7 +147,11 @@ class Authenticator:
         record = await self.keys.check(secret)
         state = await self.users.by_id(record.user_id)
         self._check_state(state)
-        return Identity(
+        # Both caches hand out the same objects until they refresh, so the identity built from them can be reused.
+        cached = self._key_identities.get(record.id)
+        if cached is not None and cached[0] is record and cached[1] is state:
+            return cached[2]
+        identity = Identity(
             name=state.name,
             via="api_key",
             is_admin=self.is_admin(state),
@@ -157,6 +162,10 @@ class Authenticator:
             key_features=record.features,
             key_models=record.models,
         )
+        if len(self._key_identities) > 100_000:
+            self._key_identities.clear()
+        self._key_identities[record.id] = (record, state, identity)
+        return identity
 
     async def _from_hub(self, handler, token: str | None) -> Identity:
         if token:  # a Hub API token in the header: asked of the Hub (cached), never falling back to a cookie
