@@ -210,5 +210,3 @@ def run_cli(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     return asyncio.run(_run(args))
 
-
-__all__ = ["run_cli", "AuditLog"]

@@ -105,10 +105,6 @@ class APIHandler(web.RequestHandler):
         self.set_status(status)
         self.finish(json.dumps(value, default=str))
 
-    async def run_db(self, fn, *args, **kwargs):
-        """Run a blocking database call on the database thread pool, never on the event loop."""
-        return await self.services.db.run(fn, *args, **kwargs)
-
     # -- errors ----------------------------------------------------------------------------------
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
@@ -122,7 +118,7 @@ class APIHandler(web.RequestHandler):
             error = ApiError(message, status=exc.status_code, type=_type_for(exc.status_code))
         else:
             error = ApiError("Internal server error.", status=500, type="server_error", code="internal_error")
-        self.clear()  # drop headers set before the error (a half-written stream excepted: see OpenAIHandler)
+        self.clear()  # drop headers set before the error
         self.set_default_headers()
         for name, value in error.headers.items():
             self.set_header(name, value)
@@ -132,10 +128,7 @@ class APIHandler(web.RequestHandler):
             # reuses the socket and its next request fails as a 503 ("socket hang up").
             self.set_header("Connection", "close")
         self.set_status(error.status)
-        self.finish(json.dumps(self.error_body(error)))
-
-    def error_body(self, error: ApiError) -> dict:
-        return error.to_json()
+        self.finish(json.dumps(error.to_json()))
 
     def log_exception(self, typ, value, tb) -> None:
         if isinstance(value, ApiError):
@@ -148,10 +141,8 @@ class APIHandler(web.RequestHandler):
 
 
 class OpenAIHandler(APIHandler):
-    """Handlers under `/v1`: the OpenAI error envelope, which the openai SDK maps to its exceptions."""
-
-    def error_body(self, error: ApiError) -> dict:
-        return error.to_json()
+    """Handlers under `/v1`. Errors already use OpenAI's envelope everywhere (`ApiError.to_json`), which the
+    openai SDK maps to its exceptions; streams report errors mid-stream themselves (handlers/openai.py)."""
 
 
 class NotFoundHandler(APIHandler):
