@@ -1,7 +1,7 @@
 """JupyterHub with the inference service: `make demo` runs it; login providers by environment.
 
 INFERENCE_LOGIN   demo (default: one shared password, printed by `make demo`), github, oidc
-INFERENCE_DB_URL  the service's database (default: sqlite:///var/inference.sqlite)
+INFERENCE_DB_URL  the service's database (default: sqlite:///var/inference.sqlite; see jupyterhub_inference_config.py)
 INFERENCE_MODELS_CONFIG  the model registry (default: the demo models: a small instruct model by hub id
                   when online, else a tiny model built offline; MiniLM for embeddings)
 """
@@ -54,9 +54,6 @@ else:
     c.Authenticator.allow_all = True
 c.Authenticator.admin_users = admins
 
-configure(
-    c,
-    port=int(os.environ.get("INFERENCE_PORT", "8010")),
-    db_url=os.environ.get("INFERENCE_DB_URL", f"sqlite:///{state / 'inference.sqlite'}"),
-    models_config=os.environ.get("INFERENCE_MODELS_CONFIG", str(here / "hub_extension/engine/demo_models.yaml")),
-)
+# The service's own settings (database, models) live in jupyterhub_inference_config.py, which the admin
+# commands read too.
+configure(c, port=int(os.environ.get("INFERENCE_PORT", "8010")), config_file=here / "jupyterhub_inference_config.py")

@@ -167,7 +167,7 @@ def measure_database(label: str, db_url: str, hub: dict, total: int, clients: in
         for proc in procs:
             stop(proc)
     for mode, values in rates.items():
-        overall = per_round * rounds / sum(per_round / r for r in values)
+        overall = statistics.harmonic_mean(values)  # every round sent the same number of requests
         print(f"{label:<11} {mode:<10} {per_round * rounds} requests  {overall:8.0f} req/s", flush=True)
     # Ratios within each round (the modes ran back to back), then the median: drift cancels out.
     return {

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -63,11 +64,6 @@ def rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
-
-
 class LoopLag:
     """Worst lateness of a 5 ms timer on the service's loop: what a blocked loop would show."""
 
@@ -92,7 +88,9 @@ class LoopLag:
         return self.worst
 
 
-def write_config(model_dir: Path, args, path: Path) -> None:
+def write_config(model_dir: Path, args, path: Path, slots: int | None = None) -> None:
+    """bench-chat with room for `slots` concurrent requests (default: --requests), and minilm."""
+    slots = slots or args.requests
     device_map = "cuda:0" if args.device == "cuda" else "cpu"
     path.write_text(
         textwrap.dedent(f"""\
@@ -104,9 +102,9 @@ def write_config(model_dir: Path, args, path: Path) -> None:
             device_map: {device_map}
             quantization: {args.quantization}
             context_length: 512
-            max_concurrency: {args.requests}
-            max_queue: {args.requests}
-            kv_cache_tokens: {args.requests * 256}
+            max_concurrency: {slots}
+            max_queue: {slots}
+            kv_cache_tokens: {slots * 256}
             page_size: 32
             max_batch_tokens: 1024
           - name: minilm
@@ -158,11 +156,10 @@ def footprints(model_dir: Path, device: str) -> tuple[float, float]:
     return fp32, q
 
 
-async def main(args) -> None:
+def bench_model(args) -> Path:
+    """Build (or reuse) the random Llama of the --params preset and say what it is and where it runs."""
     import torch
 
-    from hub_extension.app import InferenceService
-    from hub_extension.engine import SamplingParams
     from hub_extension.engine.registry import default_build_dir
     from hub_extension.engine.tiny_model import build
 
@@ -174,11 +171,16 @@ async def main(args) -> None:
     print(
         f"device: {args.device}, torch threads: {torch.get_num_threads()}, quantization: {args.quantization}"
     )
+    return model_dir
 
-    work = Path(tempfile.mkdtemp(prefix="bench-engine-"))
-    config = work / "models.yaml"
-    write_config(model_dir, args, config)
-    rss0 = rss_mb()
+
+async def serve(config: Path, work: Path):
+    """The service in this process (identity mode `none`) with its models loaded, listening on loopback.
+    Returns (service, app, server, base URL of /v1)."""
+    from tornado import httpserver, testing
+
+    from hub_extension.app import InferenceService
+
     service = InferenceService(
         identity_mode="none",
         db_url=f"sqlite:///{work / 'bench.sqlite'}",
@@ -187,8 +189,25 @@ async def main(args) -> None:
         models_config=str(config),
     )
     app = service.make_app()
+    await service.services.models.start()
+    sock, port = testing.bind_unused_port()
+    server = httpserver.HTTPServer(app, max_body_size=8 * service.max_body_bytes)
+    server.add_sockets([sock])
+    return service, app, server, f"http://127.0.0.1:{port}/services/inference/v1"
+
+
+async def main(args) -> None:
+    import torch
+
+    from hub_extension.engine import SamplingParams
+
+    model_dir = bench_model(args)
+    work = Path(tempfile.mkdtemp(prefix="bench-engine-"))
+    config = work / "models.yaml"
+    write_config(model_dir, args, config)
+    rss0 = rss_mb()
+    service, app, server, base = await serve(config, work)
     models = service.services.models
-    await models.start()
     backend = await models.get("bench-chat")
     print(
         f"resident memory with the models loaded (bench-chat + minilm): {rss_mb():.0f} MiB "
@@ -203,7 +222,7 @@ async def main(args) -> None:
     prompt_ids = [backend.chat_prompt_ids(m) for m in chats]
 
     # (a) one after another, plain generate (the manager is paused so it cannot compete for the cores)
-    with backend.runner.manager.pause() if hasattr(backend.runner, "manager") else _null():
+    with backend.runner.manager.pause() if hasattr(backend.runner, "manager") else contextlib.nullcontext():
         sequential_generate(backend.model, tok, prompt_ids[:1], 4)  # warm-up
         seq_s, seq_tokens = await asyncio.to_thread(
             sequential_generate, backend.model, tok, prompt_ids, args.tokens
@@ -213,13 +232,6 @@ async def main(args) -> None:
         f"(a) sequential generate: {args.requests} x {args.tokens} tokens: {seq_tokens} tokens in {seq_s:.2f} s "
         f"= {a:.1f} tok/s"
     )
-
-    from tornado import httpserver, testing
-
-    sock, port = testing.bind_unused_port()
-    server = httpserver.HTTPServer(app)
-    server.add_sockets([sock])
-    base = f"http://127.0.0.1:{port}/services/inference/v1"
 
     # warm the engine through the same path
     g = await backend.chat(chats[0], SamplingParams(max_tokens=4, temperature=0))
@@ -243,11 +255,11 @@ async def main(args) -> None:
     worst_lag = lag.stop()
     res = json.loads(out)
     b = res["tokens"] / res["seconds"]
-    ttft = [t for t in res["ttft"] if t is not None]
+    ttft = statistics.quantiles([t for t in res["ttft"] if t is not None], n=20, method="inclusive")
     print(
         f"(b) {args.requests} concurrent streams via HTTP + openai SDK: {res['tokens']} tokens in "
-        f"{res['seconds']:.2f} s = {b:.1f} tok/s; TTFT p50 {pct(ttft, 0.5) * 1000:.0f} ms, "
-        f"p95 {pct(ttft, 0.95) * 1000:.0f} ms"
+        f"{res['seconds']:.2f} s = {b:.1f} tok/s; TTFT p50 {ttft[9] * 1000:.0f} ms, "
+        f"p95 {ttft[18] * 1000:.0f} ms"
     )
     print(f"    worst event-loop lag during (b): {worst_lag * 1000:.1f} ms")
     if res["tokens"] != seq_tokens:
@@ -297,16 +309,9 @@ async def main(args) -> None:
     print(f"concurrent_speedup={b / a:.2f}")
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def arguments(doc: str) -> argparse.ArgumentParser:
+    """The options that choose and serve the model, shared with bench/hostile.py."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--params", default="30M", help="tiny-model preset: tiny, 30M or 300M")
     parser.add_argument(
         "--model-dir", help="where to build/reuse the model (default: the registry's build_dir)"
@@ -317,6 +322,11 @@ if __name__ == "__main__":
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--quantization", default="none", choices=["none", "int8", "nf4", "fp4"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    return parser
+
+
+if __name__ == "__main__":
+    parser = arguments(__doc__)
     parser.add_argument("--overhead-runs", type=int, default=31)
     parser.add_argument("--overhead-tokens", type=int, default=1)
     asyncio.run(main(parser.parse_args()))

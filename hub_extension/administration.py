@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
+from collections import OrderedDict
 from dataclasses import replace
 
 from .errors import BadRequest, Forbidden, NotFound
-from .identity import ADMIN_SCOPE, Authenticator, Identity
+from .identity import Identity, check_state
 from .orm import UserStatus
 from .permissions import PermissionPolicy
 from .users import HubUsers, UserDirectory, UserState
@@ -20,7 +22,10 @@ log = logging.getLogger("hub_extension.admin")
 
 # The header an admin sends to act as (view the service as) another user.
 ACT_AS_HEADER = "X-Inference-Act-As"
-AUDIT_LIMIT_MAX = 1000
+AUDIT_LIMIT_MAX = 500
+# A view-as session: an admin's reads as one user are audited once per this many seconds, not on every GET
+# (every change made while acting is audited by the component that makes it).
+VIEW_AS_SESSION_SECONDS = 30 * 60
 
 
 class UserAdmin:
@@ -33,9 +38,7 @@ class UserAdmin:
         self.users = users
         self.permissions = permissions
         self.hub = hub
-
-    def is_admin(self, state) -> bool:
-        return bool(state.hub_admin) or ADMIN_SCOPE in self.permissions.role_scopes(state)
+        self._view_sessions: OrderedDict[tuple[str, str], float] = OrderedDict()  # (admin, user) -> audited at
 
     def _merge(self, ours: dict | None, hub: dict | None) -> dict:
         """One user's admin model. `status` is null for a Hub user who has not used the service yet.
@@ -52,7 +55,7 @@ class UserAdmin:
         probe = UserState(0, name, "", hub_admin, tuple(groups), tuple(roles), True)
         return {
             "name": name,
-            "role": "admin" if self.is_admin(probe) else "user",
+            "role": "admin" if self.permissions.is_admin(probe) else "user",
             "status": ours["status"] if ours else None,
             "groups": groups,
             "roles": roles,
@@ -96,13 +99,14 @@ class UserAdmin:
     async def lookup(self, name: str) -> UserState:
         """A user for reading (permissions, grants): ours, or the Hub's if we have not seen them; else 404.
 
-        Unlike `state`, it makes no row: a Hub-only user is described from the Hub's model (id 0, no status).
+        Unlike `state`, it makes no row: a Hub-only user is described from the Hub's model (id 0, the status a
+        new user gets).
         """
         state, hub = await self._find(name)
         if state is not None:
             return state
-        return UserState(0, name, "", bool(hub.get("admin")), tuple(sorted(hub.get("groups") or ())),
-                         tuple(sorted(hub.get("roles") or ())), True)
+        return UserState(0, name, self.users.new_user_status, bool(hub.get("admin")),
+                         tuple(sorted(hub.get("groups") or ())), tuple(sorted(hub.get("roles") or ())), True)
 
     async def state(self, name: str) -> UserState:
         """Our state of a user, for changes: a Hub user we have not seen gets their row now; else 404."""
@@ -127,28 +131,39 @@ class UserAdmin:
     ) -> Identity:
         """The identity for an admin's request made as user `name`: exactly their rights, never more.
 
-        Refused: callers who are not admins, acting as an admin, acting while already acting. Every accepted
-        request is audited (`impersonate`, with both names); a refused attempt by an admin too.
+        Refused: callers who are not admins (a narrowed key never is), acting as an admin, acting while already
+        acting. A read creates nothing (no user row); the start of a view-as session is audited (`impersonate`,
+        with both names), as is every refused attempt by an admin.
         """
         if not identity.is_admin or identity.acting_admin:
             raise Forbidden("Only administrators may act as another user.")
         if not name:
             raise BadRequest(f"{ACT_AS_HEADER} must name a user.")
-        state = await self.state(name)
+        state = await self.lookup(name)
         entry = {"actor": identity.name, "subject": name, "client_ip": client_ip, "details": {"method": method, "path": path}}
-        if self.is_admin(state):
+        if self.permissions.is_admin(state):
             await audit_log.record(action="impersonate.refused", **entry)
             raise Forbidden("Administrators cannot act as another administrator.")
-        Authenticator._check_state(state)  # a disabled or pending user can do nothing, so neither can we as them
-        await audit_log.record(action="impersonate", acting_as=name, **entry)
+        check_state(state)  # a disabled or pending user can do nothing, so neither can we as them
+        if self._starts_view_session(identity.name, name):
+            await audit_log.record(action="impersonate", acting_as=name, **entry)
         acting = identity.as_user(state, is_admin=False)
-        # An admin's narrowed key stays narrowed while acting.
-        return replace(acting, key_id=identity.key_id, key_features=identity.key_features,
-                       key_models=identity.key_models)
+        return replace(acting, key_id=identity.key_id)
+
+    def _starts_view_session(self, admin: str, user: str) -> bool:
+        now = time.monotonic()
+        started = self._view_sessions.get((admin, user))
+        if started is not None and now - started < VIEW_AS_SESSION_SECONDS:
+            return False
+        self._view_sessions[(admin, user)] = now
+        self._view_sessions.move_to_end((admin, user))
+        while len(self._view_sessions) > 10_000:
+            self._view_sessions.popitem(last=False)
+        return True
 
 
 def parse_audit_query(args: dict[str, str | None]) -> dict:
-    """`user`, `action`, `since`, `until` (ISO 8601) and `limit` (1..1000) from query arguments; 400 when off."""
+    """`user`, `action`, `since`, `until` (ISO 8601) and `limit` (1..AUDIT_LIMIT_MAX) from query arguments; 400 when off."""
     out: dict = {"user": args.get("user") or None, "action": args.get("action") or None}
     for name in ("since", "until"):
         raw = args.get(name)
@@ -156,13 +171,13 @@ def parse_audit_query(args: dict[str, str | None]) -> dict:
         if raw:
             try:
                 value = dt.datetime.fromisoformat(raw.replace("Z", "+00:00"))
-            except ValueError:
+                if value.tzinfo is not None:
+                    value = value.astimezone(dt.UTC).replace(tzinfo=None)
+            except (ValueError, OverflowError):  # OverflowError: a valid time that UTC pushes past year 1 or 9999
                 raise BadRequest(f"'{name}' must be an ISO 8601 time, e.g. 2026-01-31T12:00:00Z.", param=name) from None
-            if value.tzinfo is not None:
-                value = value.astimezone(dt.UTC).replace(tzinfo=None)
             out[name] = value
     raw = args.get("limit") or "100"
-    if not raw.isdigit() or not 1 <= int(raw) <= AUDIT_LIMIT_MAX:
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 6) or not 1 <= int(raw) <= AUDIT_LIMIT_MAX:
         raise BadRequest(f"'limit' must be an integer from 1 to {AUDIT_LIMIT_MAX}.", param="limit")
     out["limit"] = int(raw)
     return out

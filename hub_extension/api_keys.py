@@ -14,14 +14,17 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
+from traitlets import Float, Integer, validate
+from traitlets.config import LoggingConfigurable
 
 from . import key_format
 from .audit import AuditLog
 from .db import Database
 from .errors import BadRequest, Conflict, NotFound, Unauthorized
 from .orm import ApiKey, User, utcnow
+from .scopes import FEATURES
 
 log = logging.getLogger("hub_extension.keys")
 
@@ -43,6 +46,9 @@ class KeyRecord:
 
 
 _UNKNOWN = None  # a well-formed key we never issued (negative cache entry)
+MAX_NAME_LENGTH = 128  # a key's name, and each model name a key is narrowed to
+MAX_KEY_MODELS = 64  # model names one key may be narrowed to
+KEEP_ENDED_KEYS = 100  # revoked or expired keys kept per user (for their lists); older ones are pruned
 
 
 def key_model(row: ApiKey) -> dict:
@@ -69,25 +75,33 @@ def _iso(value: dt.datetime | None) -> str | None:
     return value.isoformat() + "Z" if value else None
 
 
-class KeyManager:
-    def __init__(
-        self,
-        db: Database,
-        *,
-        default_lifetime_days: int = 90,
-        max_lifetime_days: int = 365,
-        max_keys_per_user: int = 25,
-        cache_seconds: float = 10.0,
-        cache_size: int = 100_000,
-        known_features: frozenset[str] = frozenset(),
-    ):
+class KeyManager(LoggingConfigurable):
+    """Issues, lists, revokes and checks keys; the check is cached in process."""
+
+    default_lifetime_days = Integer(90, help="Lifetime of a new key when the request names none.").tag(config=True)
+    max_lifetime_days = Integer(
+        365, help="Longest lifetime a key may have; 0 allows keys that never expire."
+    ).tag(config=True)
+    max_keys_per_user = Integer(
+        25, help="Most live (unrevoked, unexpired) keys one user may hold; 0: no limit."
+    ).tag(config=True)
+    cache_seconds = Float(
+        10.0,
+        help="""How long a checked key is cached in memory. A revocation in this process is immediate; other
+        replicas honour it within this time.""",
+    ).tag(config=True)
+
+    @validate("default_lifetime_days", "max_lifetime_days", "max_keys_per_user", "cache_seconds")
+    def _validate_not_negative(self, proposal):
+        if proposal.value < 0:
+            raise ValueError(f"KeyManager.{proposal.trait.name} must be >= 0")
+        return proposal.value
+
+    def __init__(self, db: Database | None = None, *, known_features=frozenset(FEATURES), cache_size=100_000, **kw):
+        super().__init__(**kw)
         self.db = db
-        self.default_lifetime_days = default_lifetime_days
-        self.max_lifetime_days = max_lifetime_days
-        self.max_keys_per_user = max_keys_per_user
-        self.cache_seconds = cache_seconds
+        self.known_features = frozenset(known_features)
         self.cache_size = cache_size
-        self.known_features = known_features
         self._cache: OrderedDict[str, tuple[float, KeyRecord | None]] = OrderedDict()
         self._generation = 0  # bumped on every invalidation so an in-flight miss cannot re-cache a revoked key
         self._last_used: dict[int, float] = {}  # key id -> POSIX time, written in batches
@@ -149,17 +163,12 @@ class KeyManager:
 
     # -- last_used, batched -----------------------------------------------------------------------
 
-    def flush_last_used(self, session: Session) -> int:
+    async def flush(self) -> int:
+        """Write the buffered `last_used` times in one statement; the buffer is swapped here, on the loop."""
         pending, self._last_used = self._last_used, {}
         if pending:
-            session.execute(
-                update(ApiKey),
-                [{"id": key_id, "last_used": _naive_utc(when)} for key_id, when in pending.items()],
-            )
+            await self.db.run(_write_last_used, pending)
         return len(pending)
-
-    async def flush(self) -> int:
-        return await self.db.run(self.flush_last_used)
 
     # -- management ---------------------------------------------------------------------------------
 
@@ -170,11 +179,18 @@ class KeyManager:
         if unknown:
             raise BadRequest(f"Unknown field(s): {', '.join(sorted(unknown))}.", param=sorted(unknown)[0])
         name = body.get("name", "")
-        if not isinstance(name, str) or not name.strip() or len(name) > 255:
-            raise BadRequest("'name' must be a non-empty string of at most 255 characters.", param="name")
+        if (
+            not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME_LENGTH
+            or not name.isprintable()
+        ):
+            raise BadRequest(
+                f"'name' must be a non-empty printable string of at most {MAX_NAME_LENGTH} characters.", param="name"
+            )
         days = body.get("expires_in_days", self.default_lifetime_days or None)
-        if days is not None and (isinstance(days, bool) or not isinstance(days, int) or days < 1):
-            raise BadRequest("'expires_in_days' must be a positive integer or null.", param="expires_in_days")
+        if days is not None and (isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= 36500):
+            raise BadRequest(
+                "'expires_in_days' must be an integer from 1 to 36500, or null.", param="expires_in_days"
+            )
         if self.max_lifetime_days:
             if days is None:
                 raise BadRequest(
@@ -184,12 +200,12 @@ class KeyManager:
                 raise BadRequest(
                     f"'expires_in_days' may be at most {self.max_lifetime_days}.", param="expires_in_days"
                 )
-        features = _string_list(body.get("features"), "features")
-        if features is not None and self.known_features:
+        features = _string_list(body.get("features"), "features", len(self.known_features))
+        if features is not None:
             bad = sorted(set(features) - self.known_features)
             if bad:
                 raise BadRequest(f"Unknown feature(s): {', '.join(bad)}.", param="features")
-        models = _string_list(body.get("models"), "models")
+        models = _string_list(body.get("models"), "models", MAX_KEY_MODELS)
         return {"name": name.strip(), "expires_in_days": days, "features": features, "models": models}
 
     def _create(
@@ -216,6 +232,7 @@ class KeyManager:
         ).scalar_one()
         if self.max_keys_per_user and live >= self.max_keys_per_user:
             raise Conflict(f"You already have {live} live keys, the most allowed; revoke one first.")
+        _prune_ended_keys(session, user_id, now)
         secret = key_format.generate()
         row = ApiKey(
             user_id=user_id,
@@ -224,8 +241,8 @@ class KeyManager:
             prefix=key_format.display_prefix(secret),
             created_at=now,
             expires_at=now + dt.timedelta(days=expires_in_days) if expires_in_days else None,
-            features=sorted(set(features)) if features is not None else None,
-            models=sorted(set(models)) if models is not None else None,
+            features=features,
+            models=models,
             created_by=created_by,
         )
         session.add(row)
@@ -255,29 +272,10 @@ class KeyManager:
     async def list(self, user_id: int, include_revoked: bool = False) -> list[dict]:
         return await self.db.run(self._list, user_id, include_revoked)
 
-    @staticmethod
-    def _revoke(
-        session: Session, user_id: int, key_id: int | None, audit: dict | None
-    ) -> tuple[list[str], list[dict]]:
-        query = select(ApiKey).where(ApiKey.user_id == user_id, ApiKey.revoked_at.is_(None))
-        if key_id is not None:
-            query = query.where(ApiKey.id == key_id)
-        rows = list(session.execute(query).scalars())
-        if key_id is not None and not rows:
-            raise NotFound("No such key.")  # unknown, already revoked and someone else's answer the same
-        now = utcnow()
-        for row in rows:
-            row.revoked_at = now
-            if audit is not None:
-                details = {"id": row.id, "name": row.name, "prefix": row.prefix}
-                AuditLog.add(session, action="key.revoke", details=details, **audit)
-        session.flush()
-        return [row.hashed for row in rows], [key_model(row) for row in rows]
-
     async def revoke(self, user_id: int, key_id: int | None = None, *, audit: dict | None = None) -> list[dict]:
         """Revoke one key (or all of the user's with key_id=None); refused from the very next request."""
         try:
-            hashes, models = await self.db.run(self._revoke, user_id, key_id, audit)
+            hashes, models = await self.db.run(revoke_keys, user_id, key_id, audit)
         finally:
             # Even if the commit failed, dropping cache entries is harmless.
             self._generation += 1
@@ -285,9 +283,49 @@ class KeyManager:
         return models
 
 
-def _string_list(value, param: str) -> list[str] | None:
+def _string_list(value, param: str, most: int) -> list[str] | None:
+    """A narrowing list: null, or at most `most` distinct names of at most MAX_NAME_LENGTH characters."""
     if value is None:
         return None
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise BadRequest(f"'{param}' must be a list of strings or null.", param=param)
-    return value
+    if (
+        not isinstance(value, list)
+        or len(value) > most
+        or not all(isinstance(v, str) and 0 < len(v) <= MAX_NAME_LENGTH for v in value)
+    ):
+        raise BadRequest(
+            f"'{param}' must be null or a list of at most {most} names of 1 to {MAX_NAME_LENGTH} characters.",
+            param=param,
+        )
+    return sorted(set(value))
+
+
+def _write_last_used(session: Session, pending: dict[int, float]) -> None:
+    session.execute(update(ApiKey), [{"id": key_id, "last_used": _naive_utc(when)} for key_id, when in pending.items()])
+
+
+def _prune_ended_keys(session: Session, user_id: int, now: dt.datetime) -> None:
+    """Keep a user's revoked and expired keys to KEEP_ENDED_KEYS rows (their story stays in the audit log), so
+    creating and revoking keys in a loop cannot grow the database without bound."""
+    ended = (ApiKey.user_id == user_id) & (ApiKey.revoked_at.is_not(None) | (ApiKey.expires_at <= now))
+    keep = select(ApiKey.id).where(ended).order_by(ApiKey.id.desc()).limit(KEEP_ENDED_KEYS - 1)
+    session.execute(delete(ApiKey).where(ended, ApiKey.id.not_in(keep)).execution_options(synchronize_session=False))
+
+
+def revoke_keys(
+    session: Session, user_id: int, key_id: int | None, audit: dict | None
+) -> tuple[list[str], list[dict]]:
+    """Revoke one of a user's keys, or all of them (key_id=None), audited; returns (hashes, key models)."""
+    query = select(ApiKey).where(ApiKey.user_id == user_id, ApiKey.revoked_at.is_(None))
+    if key_id is not None:
+        query = query.where(ApiKey.id == key_id)
+    rows = list(session.execute(query).scalars())
+    if key_id is not None and not rows:
+        raise NotFound("No such key.")  # unknown, already revoked and someone else's answer the same
+    now = utcnow()
+    for row in rows:
+        row.revoked_at = now
+        if audit is not None:
+            details = {"id": row.id, "name": row.name, "prefix": row.prefix}
+            AuditLog.add(session, action="key.revoke", details=details, **audit)
+    session.flush()
+    return [row.hashed for row in rows], [key_model(row) for row in rows]

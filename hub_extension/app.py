@@ -1,40 +1,42 @@
-"""The service as a traitlets Application: `jupyterhub-inference serve` / `python -m hub_extension`."""
+"""The service as a traitlets Application: `jupyterhub-inference [serve]` / `python -m hub_extension`.
+
+The admin commands (`users`, `keys`, `grants`, `audit`, `db`) are subcommands of this application, as
+JupyterHub's `upgrade-db` is of JupyterHub's, so they read the same config file and environment as `serve`.
+Each component (identity, keys, users, permissions) is a configurable with its own settings (`--help-all`).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
+import secrets
 import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-from jupyterhub.services.auth import HubOAuth
-from tornado import httpserver, web
-from tornado.httpclient import HTTPClientError
-from traitlets import Bool, Dict, Float, Integer, List, Unicode, default, validate
+from traitlets import Bool, Float, Integer, List, TraitError, Unicode, default, validate
 from traitlets.config import Application
 
 from . import __version__, logs
-from .administration import UserAdmin
 from .api_keys import KeyManager
-from .audit import AuditLog
 from .db import Database
-from .handlers import account, admin, openai, pages
-from .handlers.base import APIHandler, Auth, NotFoundHandler
-from .identity import Authenticator, StaticKeys
-from .orm import UserStatus
-from .permissions import FEATURES, PermissionPolicy
-from .services import Services
-from .users import HubUsers, UserDirectory
+from .identity import IdentityProvider
+from .net import parse_networks
+from .permissions import PermissionPolicy
+from .users import UserDirectory
+
+if TYPE_CHECKING:
+    from .services import Services
 
 # The only routes that answer without credentials. A test checks the route table against this list.
 PUBLIC_ROUTES = frozenset({"/health", "/oauth_callback"})
-IDENTITY_MODES = ("none", "static", "hub")
-
+CONFIG_FILE_NAME = "jupyterhub_inference_config.py"
+# Where a config file is looked for when neither --config nor $INFERENCE_CONFIG names one (first found wins).
+CONFIG_SEARCH_PATH = (".", "~/.jupyterhub-inference", "/etc/jupyterhub-inference")
 
 
 class InferenceService(Application):
@@ -51,11 +53,22 @@ jupyterhub-inference grants show|set ...
 jupyterhub-inference audit [--user NAME] [--action A] [--since ISO]
 """
 
+    classes = [IdentityProvider, KeyManager, UserDirectory, PermissionPolicy]
+    _log_formatter_cls = logs.Formatter  # traitlets' own lines are formatted and redacted like every other line
+
+    subcommands = {
+        "db": ("hub_extension.cli.DbCommand", "Database schema: `db upgrade`."),
+        "users": ("hub_extension.cli.UsersCommand", "List users; approve, deny, disable or enable one."),
+        "keys": ("hub_extension.cli.KeysCommand", "List, create or revoke a user's API keys."),
+        "grants": ("hub_extension.cli.GrantsCommand", "Show or set grants for a user or a group."),
+        "audit": ("hub_extension.cli.AuditCommand", "Read the audit log, newest first."),
+    }
+
     aliases = {
         "ip": "InferenceService.ip",
         "port": "InferenceService.port",
         "db-url": "InferenceService.db_url",
-        "identity": "InferenceService.identity_mode",
+        "identity": "IdentityProvider.mode",
         "models": "InferenceService.models_config",
         "config": "InferenceService.config_file",
         "log-level": "Application.log_level",
@@ -65,7 +78,31 @@ jupyterhub-inference audit [--user NAME] [--action A] [--since ISO]
     def _log_level_default(self):
         return os.environ.get("INFERENCE_LOG_LEVEL", "INFO")
 
-    config_file = Unicode("", help="A Python config file (c.InferenceService.... = ...) to load.").tag(config=True)
+    config_file = Unicode(
+        help=f"""A Python config file (`c.InferenceService.db_url = ...`, `c.KeyManager....`) to load.
+
+        Defaults to $INFERENCE_CONFIG (set but empty: none), else the first `{CONFIG_FILE_NAME}` found in
+        {", ".join(CONFIG_SEARCH_PATH)}; none is fine (then only the environment and the command line count).
+        The admin commands read the same file, so they open the service's real database."""
+    ).tag(config=True)
+
+    @default("config_file")
+    def _config_file_default(self):
+        if "INFERENCE_CONFIG" in os.environ:  # set but empty: no config file at all
+            return os.environ["INFERENCE_CONFIG"]
+        for folder in CONFIG_SEARCH_PATH:
+            candidate = Path(folder).expanduser() / CONFIG_FILE_NAME
+            if candidate.is_file():
+                return str(candidate.resolve())
+        return ""
+
+    log_json = Bool(
+        help="Log lines as JSON objects (for log collectors) instead of text. Defaults to $INFERENCE_LOG_FORMAT == json."
+    ).tag(config=True)
+
+    @default("log_json")
+    def _log_json_default(self):
+        return os.environ.get("INFERENCE_LOG_FORMAT", "text") == "json"
 
     # -- network ----------------------------------------------------------------------------------
     ip = Unicode(help="Address to listen on. Defaults to the host of $JUPYTERHUB_SERVICE_URL, else 127.0.0.1.").tag(
@@ -105,7 +142,29 @@ jupyterhub-inference audit [--user NAME] [--action A] [--since ISO]
         8 * 1024 * 1024, help="Largest request body accepted; larger ones get 413."
     ).tag(config=True)
 
-    # -- database ---------------------------------------------------------------------------------
+    trusted_proxies = List(
+        Unicode(),
+        ["127.0.0.1", "::1"],
+        help="""Addresses or networks (CIDR) of proxies in front of the service, e.g. the Hub's proxy.
+
+        The client address (audit log, logs) comes from `X-Forwarded-For` only when the direct peer is one of
+        these, and then it is the right-most address that is not a trusted proxy (what the nearest proxy saw);
+        otherwise it is the peer itself. `X-Real-Ip` is never trusted. As JupyterHub's `trusted_downstream_ips`.""",
+    ).tag(config=True)
+
+    @validate("trusted_proxies")
+    def _validate_proxies(self, proposal):
+        try:
+            parse_networks(proposal.value)
+        except ValueError as e:
+            raise ValueError(f"InferenceService.trusted_proxies: {e}") from None
+        return proposal.value
+
+    allow_remote_none = Bool(
+        False, help="Allow identity mode `none` on a non-loopback address (otherwise refused at start)."
+    ).tag(config=True)
+
+    # -- state ------------------------------------------------------------------------------------
     db_url = Unicode(
         help="""SQLAlchemy URL of the service's database.
 
@@ -120,138 +179,15 @@ jupyterhub-inference audit [--user NAME] [--action A] [--since ISO]
 
     db_threads = Integer(4, help="Threads that run blocking database calls off the event loop.").tag(config=True)
 
-    # -- identity ---------------------------------------------------------------------------------
-    identity_mode = Unicode(
-        help="""How callers are identified: `none`, `static` or `hub`.
-
-        - `none`: no authentication at all (every caller is an anonymous admin). Loopback only, please.
-        - `static`: only the configured `static_keys`; a holder acts as admin.
-        - `hub`: JupyterHub users (OAuth cookie, Hub API token) and keys this service issued;
-          configured static keys are still accepted.
-
-        Defaults to $INFERENCE_IDENTITY, else `hub` when run by a Hub, else `static` when static keys are
-        configured, else `none`."""
-    ).tag(config=True)
-
-    @default("identity_mode")
-    def _identity_default(self):
-        if os.environ.get("INFERENCE_IDENTITY"):
-            return os.environ["INFERENCE_IDENTITY"]
-        if os.environ.get("JUPYTERHUB_API_TOKEN"):
-            return "hub"
-        return "static" if self.static_keys else "none"
-
-    @validate("identity_mode")
-    def _validate_mode(self, proposal):
-        if proposal.value not in IDENTITY_MODES:
-            raise ValueError(f"InferenceService.identity_mode must be one of {IDENTITY_MODES}, not {proposal.value!r}")
-        return proposal.value
-
-    static_keys = List(
-        Unicode(),
-        help="""Keys accepted as an admin in `static` mode (and also in `hub` mode).
-        Defaults to the comma-separated $INFERENCE_API_KEYS. Compared in constant time.""",
-    ).tag(config=True)
-
-    @default("static_keys")
-    def _static_keys_default(self):
-        return [k.strip() for k in os.environ.get("INFERENCE_API_KEYS", "").split(",") if k.strip()]
-
-    static_keys_file = Unicode("", help="A file with one static key per line, added to `static_keys`.").tag(
-        config=True
-    )
-
-    hub_token_cache_seconds = Integer(
-        30,
-        help="""How long a Hub token's (or cookie's) identity is cached. This bounds how long a revoked Hub
-        token keeps working. Must be at least 1 (JupyterHub treats 0 as 'forever').""",
-    ).tag(config=True)
-
-    hub_sync_interval = Float(
-        30.0,
-        help="""Seconds between syncs with the Hub's user list. A user deleted or blocked in the Hub loses
-        access, keys included, within this bound (plus one Hub round trip).""",
-    ).tag(config=True)
-
-    hub_blocked_group = Unicode(
-        "inference-blocked", help="Members of this Hub group are refused, as if deleted from the Hub."
-    ).tag(config=True)
-
-    hub_roles = List(
-        Dict(),
-        help="""The Hub's `load_roles` (the same list given to `c.JupyterHub.load_roles`).
-
-        The Hub cannot tell a service which scopes a role holds, so the service reads the `custom:inference:*`
-        scopes of roles from here, and which roles and groups a user has from the Hub. Defaults to the JSON
-        in $INFERENCE_HUB_ROLES (set by `hub_extension.hub_config`).""",
-    ).tag(config=True)
-
-    @default("hub_roles")
-    def _hub_roles_default(self):
-        raw = os.environ.get("INFERENCE_HUB_ROLES")
-        return json.loads(raw) if raw else []
-
-    user_cache_seconds = Float(
-        5.0, help="How long a user's state is cached per process (other replicas see changes within this)."
-    ).tag(config=True)
-
-    new_user_status = Unicode(
-        UserStatus.ACTIVE, help="Status of a user seen for the first time: `active` or `pending`."
-    ).tag(config=True)
-
-    # -- keys -------------------------------------------------------------------------------------
-    key_default_lifetime_days = Integer(90, help="Lifetime of a new key when the request names none.").tag(
-        config=True
-    )
-    key_max_lifetime_days = Integer(365, help="Longest lifetime a key may have; 0 allows keys that never expire.").tag(
-        config=True
-    )
-    max_keys_per_user = Integer(25, help="Most live (unrevoked, unexpired) keys one user may hold; 0: no limit.").tag(
-        config=True
-    )
-    key_cache_seconds = Float(
-        10.0,
-        help="""How long a checked key is cached in memory. A revocation in this process is immediate; other
-        replicas honour it within this time.""",
-    ).tag(config=True)
-
-    @validate("key_default_lifetime_days")
-    def _validate_default_lifetime(self, proposal):
-        if proposal.value < 0:
-            raise ValueError("InferenceService.key_default_lifetime_days must be >= 0")
-        return proposal.value
-
     flush_interval = Float(5.0, help="Seconds between batched writes of `last_used` / `last_seen`.").tag(
         config=True
     )
 
-    # -- permissions and models --------------------------------------------------------------------
-    feature_defaults = Dict(
-        help=f"""Feature -> bool: what every user may do unless a grant says otherwise.
-        Features: {", ".join(FEATURES)}. Unlisted features default to allowed."""
-    ).tag(config=True)
-
-    @validate("feature_defaults")
-    def _validate_features(self, proposal):
-        unknown = set(proposal.value) - set(FEATURES)
-        if unknown:
-            raise ValueError(f"InferenceService.feature_defaults: unknown feature(s) {sorted(unknown)}")
-        return proposal.value
-
-    model_default_allow = Bool(
-        True,
-        help="""Whether a user may use a model nobody granted or denied them.
-
-        True: every configured model, unless a grant denies it. False: an allow-list; a user may use only
-        the models granted to them, their Hub groups (database grants) or their Hub roles
-        (`custom:inference:model:<name>` or `custom:inference:model:*` scopes). See `permissions.py`
-        for the precedence.""",
-    ).tag(config=True)
-
-    grants_reload_seconds = Float(
-        5.0,
-        help="""Seconds between reloads of the grants table into memory. A grant changed in this process
-        applies at once; one changed by another replica or the CLI applies within this time.""",
+    cookie_secret_file = Unicode(
+        "inference_cookie_secret",
+        help="""File holding the secret that signs browser session cookies (created, mode 0600, if missing), so a
+        restart keeps users logged in. Replicas must share it: give them the same file or $INFERENCE_COOKIE_SECRET
+        (hex), which takes precedence.""",
     ).tag(config=True)
 
     models_config = Unicode(
@@ -262,86 +198,86 @@ jupyterhub-inference audit [--user NAME] [--action A] [--since ISO]
     def _models_config_default(self):
         return os.environ.get("INFERENCE_MODELS_CONFIG", "")
 
-    allow_remote_none = Bool(
-        False, help="Allow identity mode `none` on a non-loopback address (otherwise refused at start)."
-    ).tag(config=True)
-
     # -- life cycle --------------------------------------------------------------------------------
 
     def initialize(self, argv=None):
-        super().initialize(argv)
         self.ready = threading.Event()
+        super().initialize(argv)
+        if self.subapp is None:  # a subcommand loads the settings itself, with its own command line on top
+            self.load_settings()
+            self.identity  # noqa: B018 - built now, so a bad identity setting fails at start
+
+    def load_settings(self, cli_config=None) -> None:
+        """The config file under the command line (a subcommand's too), then the checks that span settings."""
+        if cli_config is not None:
+            self.cli_config.merge(cli_config)
+            self.update_config(cli_config)
         if self.config_file:
+            if not os.path.isfile(self.config_file):
+                raise ValueError(f"InferenceService.config_file: no such file {self.config_file!r}")
             self.load_config_file(self.config_file)
-        if self.static_keys_file:
-            with open(self.static_keys_file) as f:
-                self.static_keys = self.static_keys + [line.strip() for line in f if line.strip()]
-        if self.hub_token_cache_seconds < 1:
-            raise ValueError("InferenceService.hub_token_cache_seconds must be >= 1 (0 means forever to HubAuth)")
-        if self.identity_mode == "static" and not self.static_keys:
-            raise ValueError("InferenceService.identity_mode is 'static' but no static_keys are configured")
-        if self.identity_mode == "none" and self.ip not in ("127.0.0.1", "localhost", "::1"):
-            self.log.warning("!!! identity mode 'none' on %s: ANYONE who can reach it is an admin !!!", self.ip)
-            if not self.allow_remote_none:
-                raise ValueError("identity mode 'none' beyond loopback needs InferenceService.allow_remote_none")
-        logging.getLogger("hub_extension").setLevel(self.log_level)
-        # traitlets' own handler on self.log gets the same redaction as the root handler.
-        for handler in self.log.handlers:
-            handler.addFilter(logs.RedactingFilter())
+        logs.configure("json" if self.log_json else "text", self.log_level)
+
+    def open_database(self, *, create_schema: bool) -> Database:
+        """The service's database; only `serve` and `db upgrade` create or upgrade its schema."""
+        db = Database(self.db_url, threads=self.db_threads)
+        if create_schema:
+            db.upgrade()
+        else:
+            db.check_schema()  # the admin commands never create a database: they say which one they could not find
+        return db
+
+    def make_components(self, db: Database) -> tuple[UserDirectory, KeyManager, PermissionPolicy]:
+        """The components the admin commands share with `serve`, built with this application as parent."""
+        permissions = PermissionPolicy(db, parent=self)
+        permissions.load()
+        return UserDirectory(db, parent=self), KeyManager(db, parent=self), permissions
 
     def make_services(self) -> Services:
-        db = Database(self.db_url, threads=self.db_threads)
-        db.upgrade()
-        users = UserDirectory(
-            db,
-            cache_seconds=self.user_cache_seconds,
-            new_user_status=self.new_user_status,
-            blocked_group=self.hub_blocked_group,
-        )
-        keys = KeyManager(
-            db,
-            default_lifetime_days=self.key_default_lifetime_days,
-            max_lifetime_days=self.key_max_lifetime_days,
-            max_keys_per_user=self.max_keys_per_user,
-            cache_seconds=self.key_cache_seconds,
-            known_features=frozenset(FEATURES),
-        )
-        authenticator = None
-        self.hub_auth = self._make_hub_auth() if self.identity_mode == "hub" else None
-        if self.identity_mode != "none":
-            authenticator = Authenticator(
-                mode=self.identity_mode,
-                static_keys=StaticKeys(self.static_keys),
-                keys=keys,
-                users=users,
-                hub_auth=self.hub_auth,
-                hub_roles=self.hub_roles,
-            )
-        permissions = PermissionPolicy(
-            self.feature_defaults,
-            model_default_allow=self.model_default_allow,
-            role_scopes=authenticator.scopes_from_roles if authenticator is not None else None,
-            db=db,
-            reload_seconds=self.grants_reload_seconds,
-        )
-        permissions.load()
-        hub_users = HubUsers(self.hub_auth.api_url, self.hub_auth.api_token) if self.hub_auth else None
+        """Every component, built with this application as parent (so each reads its own config section)."""
+        from .administration import UserAdmin
+        from .audit import AuditLog
+        from .services import Services
+        from .users import HubUsers
+
+        db = self.open_database(create_schema=True)
+        users, keys, permissions = self.make_components(db)
+        hub_auth = self._make_hub_auth() if self.identity.mode == "hub" else None
+        self.identity.keys, self.identity.users, self.identity.permissions = keys, users, permissions
+        self.identity.hub_auth = hub_auth
+        hub_users = HubUsers(hub_auth.api_url, hub_auth.api_token) if hub_auth else None
         return Services(
             db=db,
             keys=keys,
             users=users,
             audit=AuditLog(db),
             permissions=permissions,
+            identity=self.identity,
             hub=hub_users,
             admin=UserAdmin(users, permissions, hub_users),
-            authenticator=authenticator,
             models=self._make_models(),
             max_body_bytes=self.max_body_bytes,
+            trusted_proxies=parse_networks(self.trusted_proxies),
         )
+
+    @property
+    def identity(self) -> IdentityProvider:
+        if getattr(self, "_identity", None) is None:
+            self._identity = IdentityProvider(parent=self)
+            for key in self._identity.static_keys:
+                logs.add_secret(key)
+        return self._identity
 
     def _make_hub_auth(self):
         """JupyterHub's own HubOAuth, configurable as `c.HubOAuth.*` (api_url, api_token, access_scopes...)."""
-        return HubOAuth(parent=self, cache_max_age=self.hub_token_cache_seconds)
+        from jupyterhub.services.auth import HubOAuth
+
+        from .handlers.pages import configure_hub_auth
+
+        hub_auth = HubOAuth(parent=self, cache_max_age=self.identity.hub_token_cache_seconds)
+        configure_hub_auth(hub_auth)
+        logs.add_secret(hub_auth.api_token)
+        return hub_auth
 
     def _make_models(self):
         """The model manager for `models_config` (a bad entry stops the start, naming model and field)."""
@@ -351,15 +287,42 @@ jupyterhub-inference audit [--user NAME] [--action A] [--since ISO]
 
         return ModelManager.from_config(self.models_config)
 
+    def cookie_secret(self) -> bytes:
+        """$INFERENCE_COOKIE_SECRET (hex), else the secret in `cookie_secret_file`, made on first start."""
+        if os.environ.get("INFERENCE_COOKIE_SECRET"):
+            return bytes.fromhex(os.environ["INFERENCE_COOKIE_SECRET"])
+        path = Path(self.cookie_secret_file).expanduser()
+        if path.exists():
+            if path.stat().st_mode & 0o077:
+                raise ValueError(f"InferenceService.cookie_secret_file {str(path)!r} must not be readable by others")
+            return bytes.fromhex(path.read_text().strip())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        secret = secrets.token_bytes(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secret.hex())
+        self.log.info("wrote a new cookie secret to %s", path)
+        return secret
+
     def routes(self) -> list[tuple]:
         """The route table, paths relative to `base_url`. Every route not in PUBLIC_ROUTES needs credentials."""
+        from .handlers import account, admin, openai, pages
+
         handlers = account.routes + admin.routes + openai.routes
-        if self.identity_mode == "hub":
+        if self.identity.mode == "hub":
             handlers += pages.routes
         check_public_routes(handlers)
         return handlers
 
-    def make_app(self) -> web.Application:
+    def make_app(self):
+        from tornado import web
+
+        from .handlers.base import NotFoundHandler
+
+        if self.identity.mode == "none" and self.ip not in ("127.0.0.1", "localhost", "::1"):
+            self.log.warning("!!! identity mode 'none' on %s: ANYONE who can reach it is an admin !!!", self.ip)
+            if not self.allow_remote_none:
+                raise ValueError("identity mode 'none' beyond loopback needs InferenceService.allow_remote_none")
         self.services = self.make_services()
         settings = {
             "services": self.services,
@@ -369,13 +332,18 @@ jupyterhub-inference audit [--user NAME] [--action A] [--since ISO]
             "template_path": str(Path(__file__).parent / "templates"),
             "service_base_url": self.base_url,
         }
-        if self.identity_mode == "hub":
-            settings["hub_auth"] = self.hub_auth
-            settings["cookie_secret"] = os.urandom(32)
+        if self.identity.mode == "hub":
+            from .handlers.pages import tornado_settings
+
+            settings["hub_auth"] = self.services.identity.hub_auth
+            settings["cookie_secret"] = self.cookie_secret()
+            settings.update(tornado_settings())
         prefix = self.base_url.rstrip("/")
         return web.Application([(prefix + path, handler) for path, handler in self.routes()], **settings)
 
     async def _periodic(self, interval: float, fn) -> None:
+        from tornado.httpclient import HTTPClientError
+
         while True:
             await asyncio.sleep(interval)
             try:
@@ -395,21 +363,25 @@ jupyterhub-inference audit [--user NAME] [--action A] [--since ISO]
     async def flush(self) -> None:
         """Write buffered `last_used` / `last_seen` in one transaction each."""
         await self.services.keys.flush()
-        await self.services.db.run(self.services.users.flush_last_seen)
+        await self.services.users.flush_last_seen()
 
     async def sync_with_hub(self) -> None:
-        """Mark users the Hub deleted or blocked, refresh admin flags, groups and roles."""
+        """Retire users the Hub deleted (their keys revoked), mark blocked ones, refresh admin flags and groups."""
         hub_users = await self.services.hub.list()
-        changed = await self.services.users.sync(hub_users)
+        changed, revoked = await self.services.users.sync(hub_users)
+        if revoked:
+            self.services.keys.forget(revoked)
         if changed:
             self.log.info("hub sync: %d user(s) changed: %s", len(changed), ", ".join(changed[:20]))
 
     async def serve(self) -> None:
+        from tornado import httpserver
+
         self.app = self.make_app()
-        self.server = httpserver.HTTPServer(self.app, xheaders=True, max_body_size=8 * self.max_body_bytes)
+        self.server = httpserver.HTTPServer(self.app, xheaders=False, max_body_size=8 * self.max_body_bytes)
         self.server.listen(self.port, self.ip)
         self.log.info("jupyterhub-inference %s on http://%s:%d%s (identity: %s, database: %s)",
-                      __version__, self.ip, self.port, self.base_url, self.identity_mode, self.services.db.backend)
+                      __version__, self.ip, self.port, self.base_url, self.identity.mode, self.services.db.backend)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         if threading.current_thread() is threading.main_thread():
@@ -421,9 +393,10 @@ jupyterhub-inference audit [--user NAME] [--action A] [--since ISO]
             # Listen first (the Hub gives up on a service that does not answer), load models meanwhile;
             # a request for a model still loading waits for it.
             tasks.append(asyncio.ensure_future(self._load_models()))
-        tasks.append(asyncio.ensure_future(self._periodic(self.grants_reload_seconds, self.services.permissions.reload)))
-        if self.identity_mode == "hub":
-            tasks.append(asyncio.ensure_future(self._periodic(self.hub_sync_interval, self.sync_with_hub)))
+        permissions = self.services.permissions
+        tasks.append(asyncio.ensure_future(self._periodic(permissions.reload_seconds, permissions.reload)))
+        if self.identity.mode == "hub":
+            tasks.append(asyncio.ensure_future(self._periodic(self.services.users.sync_interval, self.sync_with_hub)))
         self.ready.set()
         await stop.wait()
         self.log.info("stopping")
@@ -442,6 +415,8 @@ jupyterhub-inference audit [--user NAME] [--action A] [--since ISO]
         self.services.db.close()
 
     def start(self) -> None:
+        if self.subapp is not None:
+            return self.subapp.start()
         asyncio.run(self.serve())
 
     def stop(self) -> None:
@@ -451,14 +426,16 @@ jupyterhub-inference audit [--user NAME] [--action A] [--since ISO]
 
 def check_public_routes(handlers) -> None:
     """Refuse to start if a route is public without being on PUBLIC_ROUTES, or the other way round."""
+    from .handlers import pages
+    from .handlers.base import APIHandler, Auth
+
     for path, handler in handlers:
         public = handler is pages.OAuthCallbackHandler or (issubclass(handler, APIHandler) and handler.auth is Auth.PUBLIC)
         if public != (path in PUBLIC_ROUTES):
             raise RuntimeError(f"route {path}: public={public} disagrees with PUBLIC_ROUTES")
 
 
-
-def _log_request(handler: web.RequestHandler) -> None:
+def _log_request(handler) -> None:
     """One line per request; never the query string or headers (they may hold credentials)."""
     status = handler.get_status()
     level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
@@ -466,24 +443,20 @@ def _log_request(handler: web.RequestHandler) -> None:
         level = logging.DEBUG
     who = getattr(getattr(handler, "identity", None), "name", "-")
     ms = 1000 * handler.request.request_time()
+    client = getattr(handler, "client_ip", None) or handler.request.remote_ip
     logging.getLogger("hub_extension.access").log(
-        level, "%d %s %s (%s) %.1fms", status, handler.request.method, handler.request.path, who, ms,
+        level, "%d %s %s (%s@%s) %.1fms", status, handler.request.method, handler.request.path, who, client, ms,
         extra={"status": status, "method": handler.request.method, "path": handler.request.path, "user": who,
-               "duration_ms": round(ms, 2)},
+               "client_ip": client, "duration_ms": round(ms, 2)},
     )
-
-
-CLI_COMMANDS = ("keys", "users", "db", "grants", "audit")
 
 
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = next((a for a in argv if a in CLI_COMMANDS or a == "serve"), None)
-    if command in CLI_COMMANDS:
-        from .cli import run_cli
-
-        sys.exit(run_cli(argv))
-    if command == "serve":
-        argv.remove("serve")
-    logs.configure(os.environ.get("INFERENCE_LOG_FORMAT", "text"))
-    InferenceService.launch_instance(argv)
+    if argv[:1] == ["serve"]:
+        argv = argv[1:]  # serving is what the application does without a subcommand
+    try:
+        InferenceService.launch_instance(argv)
+    except (ValueError, TraitError) as e:  # a bad setting (ConfigError is a ValueError): say which, no traceback
+        print(f"jupyterhub-inference: configuration error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,212 +1,377 @@
-"""Admin commands for the server's shell: `jupyterhub-inference keys|users|grants|audit|db ...`.
+"""Admin commands: `jupyterhub-inference users|keys|grants|audit|db ...`, subcommands of the service application.
 
-They work on the database directly (the service may be running: SQLite WAL and PostgreSQL both allow it)
-and record what they change in the audit log as actor `cli:<OS user>`. A running service sees grant changes
-within `grants_reload_seconds` and status changes within `user_cache_seconds`.
+As JupyterHub's `upgrade-db`: each command is a traitlets Application whose root is `InferenceService`, so it
+reads the same config file and environment as `serve` and builds the same components from them. Only
+`db upgrade` creates or upgrades a schema; every other command on a missing database says so and exits 1.
 
-The CLI has no Hub connection: it acts on users the service has seen (others are "no such user"), and
-`grants show --config` reads the service's config file for feature defaults and Hub roles.
+They work on the database directly (the service may be running: SQLite WAL and PostgreSQL both allow it) and
+record what they change in the audit log as actor `cli:<OS user>`. A running service sees grant changes within
+`PermissionPolicy.reload_seconds` and status changes within `UserDirectory.cache_seconds`. The CLI has no Hub
+connection: it acts on users the service has seen (others are "no such user").
+
+This module never imports `app` at module level: the application names these classes by import string.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import getpass
 import json
-import os
 import sys
 
-from .administration import UserAdmin, parse_audit_query
-from .api_keys import KeyManager
-from .audit import AuditLog
-from .db import Database
+from traitlets import Bool, Enum, Integer, List, Unicode
+from traitlets.config import Application
+
+from .db import DatabaseMissing
 from .errors import ApiError, BadRequest
-from .permissions import FEATURES, PermissionPolicy
-from .users import STATUS_ACTIONS, UserDirectory
+from .orm import UserStatus
+from .scopes import FEATURES
+from .users import STATUS_ACTIONS
 
 GRANT_VALUES = {"allow": True, "on": True, "true": True, "deny": False, "off": False, "false": False,
                 "clear": None, "none": None}
+COMMON_ALIASES = {
+    "db-url": "InferenceService.db_url",
+    "config": "InferenceService.config_file",
+    "log-level": "Application.log_level",
+}
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jupyterhub-inference", description="Administer jupyterhub-inference.")
-    parser.add_argument(
-        "--db-url", default=os.environ.get("INFERENCE_DB_URL", "sqlite:///inference.sqlite"),
-        help="database URL (default: $INFERENCE_DB_URL or sqlite:///inference.sqlite)",
-    )
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    # The same two options after the command too (`jupyterhub-inference users list --db-url ...`): the entry
-    # point only hands argv to the CLI when it starts with a command name.
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--db-url", default=argparse.SUPPRESS, help="database URL")
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
-    sub = parser.add_subparsers(dest="command", required=True)
+class Group(Application):
+    """A command that only groups subcommands (`users`, `keys`, `grants`, `db`): without one, print help."""
 
-    db = sub.add_parser("db", help="database schema").add_subparsers(dest="action", required=True)
-    db.add_parser("upgrade", parents=[common], help="apply migrations up to the newest revision")
-
-    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="action", required=True)
-    k_list = keys.add_parser("list", parents=[common], help="list a user's keys")
-    k_list.add_argument("--user", required=True)
-    k_list.add_argument("--all", action="store_true", help="include revoked keys")
-    k_create = keys.add_parser("create", parents=[common], help="issue a key for a user (printed once)")
-    k_create.add_argument("--user", required=True)
-    k_create.add_argument("--name", required=True)
-    k_create.add_argument("--expires-in-days", type=int, default=None)
-    k_create.add_argument("--features", help="comma-separated subset of: " + ",".join(FEATURES))
-    k_create.add_argument("--models", help="comma-separated model names")
-    k_revoke = keys.add_parser("revoke", parents=[common], help="revoke one key (--id) or all of a user's keys (--all)")
-    k_revoke.add_argument("--user", required=True)
-    target = k_revoke.add_mutually_exclusive_group(required=True)
-    target.add_argument("--id", type=int)
-    target.add_argument("--all", action="store_true")
-
-    users = sub.add_parser("users", help="users").add_subparsers(dest="action", required=True)
-    u_list = users.add_parser("list", parents=[common], help="list users the service has seen")
-    u_list.add_argument("--status", choices=["active", "pending", "disabled"])
-    for action in STATUS_ACTIONS:
-        users.add_parser(action, parents=[common], help=f"{action} a user").add_argument("name")
-
-    grants = sub.add_parser("grants", help="database grants").add_subparsers(dest="action", required=True)
-    for action in ("show", "set"):
-        g = grants.add_parser(action, parents=[common], help="show a user's effective permissions" if action == "show"
-                              else "allow, deny or clear features and models for a user or a group")
-        who = g.add_mutually_exclusive_group(required=True)
-        who.add_argument("--user")
-        who.add_argument("--group")
-        if action == "show":
-            g.add_argument("--config", help="the service's config file (feature defaults, hub_roles)")
-        else:
-            g.add_argument("--feature", action="append", default=[], metavar="NAME=allow|deny|clear")
-            g.add_argument("--model", action="append", default=[], metavar="NAME=allow|deny|clear")
-
-    audit = sub.add_parser("audit", parents=[common], help="read the audit log (newest first)")
-    audit.add_argument("--user", help="entries where this user is actor, subject or acted as")
-    audit.add_argument("--action", help="e.g. key.create, grants.set, user.disable, impersonate")
-    audit.add_argument("--since", help="ISO 8601 time")
-    audit.add_argument("--until", help="ISO 8601 time")
-    audit.add_argument("--limit", default="100")
-    return parser
+    def start(self):
+        if self.subapp is not None:
+            return self.subapp.start()
+        self.print_subcommands()
+        self.exit(2)
 
 
-def _policy(db: Database, config: str | None = None) -> PermissionPolicy:
-    """The permission policy as the service would build it from `config` (defaults when none)."""
-    from .app import InferenceService
-    from .identity import Authenticator, StaticKeys
+class Command(Application):
+    """One admin command: the root application's settings, its components, and a table or JSON printed."""
 
-    service = InferenceService()
-    if config:
-        service.load_config_file(config)
-    roles = Authenticator(mode="hub", static_keys=StaticKeys([]), hub_roles=service.hub_roles)
-    policy = PermissionPolicy(service.feature_defaults, model_default_allow=service.model_default_allow,
-                              role_scopes=roles.scopes_from_roles, db=db)
-    policy.load()
-    return policy
+    aliases = COMMON_ALIASES
+    flags = {"json": ({"Command": {"json": True}}, "Print JSON instead of a table.")}
+    json = Bool(False, help="Print JSON instead of a table.").tag(config=True)
+
+    @property
+    def service(self):
+        app = self.parent
+        while app.parent is not None:
+            app = app.parent
+        return app
+
+    def initialize(self, argv=None):
+        super().initialize(argv)
+        if "log_level" not in self.cli_config.get("Application", {}):
+            self.service.log_level = "WARN"  # a command prints its answer; the log says only what went wrong
+        self.service.load_settings(self.cli_config)
+
+    def start(self):
+        try:
+            code = asyncio.run(self.run())
+        except DatabaseMissing as e:
+            print(f"error: {e} Point --db-url or --config (or $INFERENCE_CONFIG) at the service's database, "
+                  "or create one with `jupyterhub-inference db upgrade`.", file=sys.stderr)
+            code = 1
+        except ApiError as e:
+            print(f"error: {e.message}", file=sys.stderr)
+            code = 1
+        self.exit(code)
+
+    async def run(self) -> int:
+        db = self.service.open_database(create_schema=False)
+        try:
+            self.users, self.keys, self.permissions = self.service.make_components(db)
+            return await self.act(db)
+        finally:
+            db.close()
+
+    async def act(self, db) -> int:
+        raise NotImplementedError
+
+    @property
+    def actor(self) -> str:
+        return f"cli:{getpass.getuser()}"
+
+    def audit(self, subject: str) -> dict:
+        return {"actor": self.actor, "subject": subject, "client_ip": None}
+
+    def argument(self, what: str) -> str:
+        if len(self.extra_args) != 1:
+            raise BadRequest(f"Give exactly one {what}.")
+        return self.extra_args[0]
+
+    def show(self, rows: list[dict], columns: list[str]) -> None:
+        if self.json:
+            print(json.dumps(rows, indent=2, default=str))
+            return
+
+        def cell(row: dict, column: str) -> str:
+            value = row.get(column)
+            return "-" if value is None else str(value)
+
+        widths = {c: max([len(c)] + [len(cell(r, c)) for r in rows]) for c in columns}
+        print("  ".join(c.upper().ljust(widths[c]) for c in columns))
+        for r in rows:
+            print("  ".join(cell(r, c).ljust(widths[c]) for c in columns))
 
 
-def _grant_changes(args) -> dict:
-    body: dict[str, dict] = {"features": {}, "models": {}}
-    for section, items in (("features", args.feature), ("models", args.model)):
-        for item in items:
-            name, sep, value = item.rpartition("=")
-            if not sep or value.lower() not in GRANT_VALUES:
-                raise BadRequest(f"{item!r}: use NAME=allow, NAME=deny or NAME=clear.")
-            body[section][name] = GRANT_VALUES[value.lower()]
-    return PermissionPolicy.parse_grants(body, partial=True)
+# -- db ------------------------------------------------------------------------------------------------
 
 
-def _print(rows: list[dict], columns: list[str], as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(rows, indent=2, default=str))
-        return
-    widths = {c: max([len(c)] + [len(str(r.get(c) if r.get(c) is not None else "-")) for r in rows]) for c in columns}
-    print("  ".join(c.upper().ljust(widths[c]) for c in columns))
-    for r in rows:
-        print("  ".join(str(r.get(c) if r.get(c) is not None else "-").ljust(widths[c]) for c in columns))
+class DbUpgrade(Command):
+    description = "Create the database, or apply migrations up to the newest revision."
 
-
-async def _run(args) -> int:
-    db = Database(args.db_url, threads=1)
-    try:
-        db.upgrade()
-        if args.command == "db":
-            print(f"database at {db.backend} is up to date")
-            return 0
-        users = UserDirectory(db, cache_seconds=0)
-        keys = KeyManager(db, known_features=frozenset(FEATURES))
-        audit_actor = f"cli:{getpass.getuser()}"
-        if args.command == "users":
-            if args.action == "list":
-                rows = await UserAdmin(users, _policy(db)).list(args.status)
-                _print(rows, ["name", "status", "role", "groups", "in_hub", "last_seen"], args.json)
-                return 0
-            audit = {"actor": audit_actor, "subject": args.name, "client_ip": None}
-            state = await users.apply_action(args.name, args.action, audit=audit)
-            print(f"{state.name}: {state.status}")
-            return 0
-        if args.command == "grants":
-            return await _grants(args, db, users, audit_actor)
-        if args.command == "audit":
-            query = parse_audit_query(vars(args))
-            rows = await AuditLog(db).query(**query)
-            _print(rows, ["time", "actor", "acting_as", "action", "subject", "details"], args.json)
-            return 0
-        state = await users.by_name(args.user)
-        audit = {"actor": audit_actor, "subject": state.name, "client_ip": None}
-        if args.action == "list":
-            rows = await keys.list(state.id, include_revoked=args.all)
-            _print(rows, ["id", "name", "prefix", "created_at", "expires_at", "last_used", "revoked_at"], args.json)
-        elif args.action == "create":
-            body = {"name": args.name}
-            if args.expires_in_days is not None:
-                body["expires_in_days"] = args.expires_in_days
-            if args.features:
-                body["features"] = [f.strip() for f in args.features.split(",") if f.strip()]
-            if args.models:
-                body["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
-            secret, model = await keys.create(
-                state.id, created_by=audit_actor, audit=audit, **keys.validate_request(body)
-            )
-            print(json.dumps({**model, "key": secret}, indent=2) if args.json else secret)
-        elif args.action == "revoke":
-            revoked = await keys.revoke(state.id, None if args.all else args.id, audit=audit)
-            print(f"revoked {len(revoked)} key(s)")
-        return 0
-    except ApiError as e:
-        print(f"error: {e.message}", file=sys.stderr)
-        return 1
-    finally:
+    async def run(self) -> int:
+        db = self.service.open_database(create_schema=True)
         db.close()
+        print(f"database ({db.backend}) is up to date")
+        return 0
 
 
-async def _grants(args, db: Database, users: UserDirectory, audit_actor: str) -> int:
-    kind, name = ("user", args.user) if args.user else ("group", args.group)
-    if kind == "user":
-        state = await users.by_name(name)  # no such user: error
-    policy = _policy(db, getattr(args, "config", None))
-    if args.action == "set":
+class DbCommand(Group):
+    description = "The service's database schema."
+    subcommands = {"upgrade": (DbUpgrade, DbUpgrade.description)}
+
+
+# -- users ---------------------------------------------------------------------------------------------
+
+
+class UsersList(Command):
+    description = "List the users the service has seen."
+    aliases = {**COMMON_ALIASES, "status": "UsersList.status"}
+    status = Enum(list(UserStatus.ALL), None, allow_none=True, help="Only users with this status.").tag(config=True)
+
+    async def act(self, db) -> int:
+        from .administration import UserAdmin
+
+        rows = await UserAdmin(self.users, self.permissions).list(self.status)
+        self.show(rows, ["name", "status", "role", "groups", "in_hub", "last_seen"])
+        return 0
+
+
+class UserAction(Command):
+    """`users approve|deny|disable|enable NAME` (the action is the subcommand's name)."""
+
+    action = ""
+
+    async def act(self, db) -> int:
+        name = self.argument("user name")
+        state = await self.users.apply_action(name, self.action, audit=self.audit(name))
+        print(f"{state.name}: {state.status}")
+        return 0
+
+
+def _user_action(action: str) -> type[UserAction]:
+    return type(f"Users{action.title()}", (UserAction,), {"action": action, "description": f"{action.title()} a user."})
+
+
+class UsersCommand(Group):
+    description = "List users; approve, deny, disable or enable one."
+    subcommands = {
+        "list": (UsersList, UsersList.description),
+        **{action: (_user_action(action), f"{action.title()} a user: users {action} NAME") for action in STATUS_ACTIONS},
+    }
+
+
+# -- keys ----------------------------------------------------------------------------------------------
+
+
+class KeyCommand(Command):
+    """A command on one user's keys (`--user NAME`)."""
+
+    user = Unicode("", help="The user whose keys these are.").tag(config=True)
+
+    async def owner(self):
+        if not self.user:
+            raise BadRequest("--user NAME is required.")
+        return await self.users.by_name(self.user)
+
+
+class KeysList(KeyCommand):
+    description = "List a user's keys."
+    aliases = {**COMMON_ALIASES, "user": "KeysList.user"}
+    flags = {**Command.flags, "all": ({"KeysList": {"include_revoked": True}}, "Include revoked keys.")}
+    include_revoked = Bool(False, help="Include revoked keys.").tag(config=True)
+
+    async def act(self, db) -> int:
+        state = await self.owner()
+        rows = await self.keys.list(state.id, include_revoked=self.include_revoked)
+        self.show(rows, ["id", "name", "prefix", "created_at", "expires_at", "last_used", "revoked_at"])
+        return 0
+
+
+class KeysCreate(KeyCommand):
+    description = "Issue a key for a user (the secret is printed once)."
+    aliases = {
+        **COMMON_ALIASES,
+        "user": "KeysCreate.user",
+        "name": "KeysCreate.key_name",
+        "expires-in-days": "KeysCreate.expires_in_days",
+        "features": "KeysCreate.features",
+        "models": "KeysCreate.models",
+    }
+    key_name = Unicode("", help="The key's name.").tag(config=True)
+    expires_in_days = Integer(None, allow_none=True, help="Lifetime in days (default: the service's).").tag(
+        config=True
+    )
+    features = Unicode("", help="Comma-separated subset of: " + ",".join(FEATURES)).tag(config=True)
+    models = Unicode("", help="Comma-separated model names the key is narrowed to.").tag(config=True)
+
+    async def act(self, db) -> int:
+        state = await self.owner()
+        body: dict = {"name": self.key_name}
+        if self.expires_in_days is not None:
+            body["expires_in_days"] = self.expires_in_days
+        for field in ("features", "models"):
+            if getattr(self, field):
+                body[field] = [v.strip() for v in getattr(self, field).split(",") if v.strip()]
+        secret, model = await self.keys.create(
+            state.id, created_by=self.actor, audit=self.audit(state.name), **self.keys.validate_request(body)
+        )
+        print(json.dumps({**model, "key": secret}, indent=2) if self.json else secret)
+        return 0
+
+
+class KeysRevoke(KeyCommand):
+    description = "Revoke one key (--id N) or all of a user's keys (--all)."
+    aliases = {**COMMON_ALIASES, "user": "KeysRevoke.user", "id": "KeysRevoke.key_id"}
+    flags = {**Command.flags, "all": ({"KeysRevoke": {"revoke_all": True}}, "Revoke every key of the user.")}
+    key_id = Integer(None, allow_none=True, help="The key to revoke.").tag(config=True)
+    revoke_all = Bool(False, help="Revoke every key of the user.").tag(config=True)
+
+    async def act(self, db) -> int:
+        if (self.key_id is None) == (not self.revoke_all):
+            raise BadRequest("Give --id N or --all.")
+        state = await self.owner()
+        revoked = await self.keys.revoke(state.id, self.key_id, audit=self.audit(state.name))
+        print(f"revoked {len(revoked)} key(s)")
+        return 0
+
+
+class KeysCommand(Group):
+    description = "List, create or revoke a user's API keys."
+    subcommands = {
+        "list": (KeysList, KeysList.description),
+        "create": (KeysCreate, KeysCreate.description),
+        "revoke": (KeysRevoke, KeysRevoke.description),
+    }
+
+
+# -- grants --------------------------------------------------------------------------------------------
+
+
+class GrantCommand(Command):
+    """A command on one user's (`--user`) or one Hub group's (`--group`) grants."""
+
+    user = Unicode("", help="A user.").tag(config=True)
+    group = Unicode("", help="A Hub group.").tag(config=True)
+
+    def subject(self) -> tuple[str, str]:
+        if bool(self.user) == bool(self.group):
+            raise BadRequest("Give --user NAME or --group NAME.")
+        return ("user", self.user) if self.user else ("group", self.group)
+
+
+class GrantsShow(GrantCommand):
+    description = "Show a user's effective permissions (with their sources), or a group's grants."
+    aliases = {**COMMON_ALIASES, "user": "GrantsShow.user", "group": "GrantsShow.group"}
+
+    async def act(self, db) -> int:
+        kind, name = self.subject()
+        if kind == "group":
+            print(json.dumps(self.permissions.grants("group", name), indent=2))
+            return 0
+        effective = self.permissions.effective(await self.users.by_name(name))
+        if self.json:
+            print(json.dumps({"grants": self.permissions.grants("user", name), "effective": effective}, indent=2))
+            return 0
+        rows = [{"feature/model": k, **v} for k, v in effective["features"].items()]
+        rows += [{"feature/model": f"model:{k}", **v} for k, v in effective["models"].items()]
+        rows.append({"feature/model": "model:(others)", **effective["other_models"]})
+        print(f"{name} (groups: {', '.join(effective['groups']) or '-'}); {effective['precedence']}")
+        self.json = False
+        self.show(rows, ["feature/model", "allowed", "source", "via"])
+        return 0
+
+
+class GrantsSet(GrantCommand):
+    description = "Allow, deny or clear features and models for a user or a group."
+    aliases = {
+        **COMMON_ALIASES,
+        "user": "GrantsSet.user",
+        "group": "GrantsSet.group",
+        "feature": "GrantsSet.feature",
+        "model": "GrantsSet.model",
+    }
+    feature = List(Unicode(), help="NAME=allow|deny|clear (repeatable).").tag(config=True)
+    model = List(Unicode(), help="NAME=allow|deny|clear (repeatable).").tag(config=True)
+
+    def changes(self) -> dict:
+        body: dict[str, dict] = {"features": {}, "models": {}}
+        for section, items in (("features", self.feature), ("models", self.model)):
+            for item in items:
+                name, sep, value = item.rpartition("=")
+                if not sep or value.lower() not in GRANT_VALUES:
+                    raise BadRequest(f"{item!r}: use NAME=allow, NAME=deny or NAME=clear.")
+                body[section][name] = GRANT_VALUES[value.lower()]
+        return self.permissions.parse_grants(body, partial=True)
+
+    async def act(self, db) -> int:
+        kind, name = self.subject()
+        if kind == "user":
+            await self.users.by_name(name)  # no such user: error
         subject = name if kind == "user" else f"group:{name}"
-        audit = {"actor": audit_actor, "subject": subject, "client_ip": None}
-        grants = await policy.set_grants(kind, name, _grant_changes(args), replace=False, audit=audit)
+        grants = await self.permissions.set_grants(kind, name, self.changes(), replace=False, audit=self.audit(subject))
         print(json.dumps(grants, indent=2))
         return 0
-    if kind == "group":
-        print(json.dumps(policy.grants("group", name), indent=2))
+
+
+class GrantsCommand(Group):
+    description = "Show or set grants for a user or a group."
+    subcommands = {"show": (GrantsShow, GrantsShow.description), "set": (GrantsSet, GrantsSet.description)}
+
+
+# -- audit ---------------------------------------------------------------------------------------------
+
+
+class AuditCommand(Command):
+    description = "Read the audit log, newest first."
+    aliases = {
+        **COMMON_ALIASES,
+        **{name: f"AuditCommand.{name}" for name in ("user", "action", "since", "until", "limit")},
+    }
+    user = Unicode("", help="Entries where this user is actor, subject or acted as.").tag(config=True)
+    action = Unicode("", help="e.g. key.create, grants.set, user.disable, impersonate").tag(config=True)
+    since = Unicode("", help="ISO 8601 time.").tag(config=True)
+    until = Unicode("", help="ISO 8601 time.").tag(config=True)
+    limit = Unicode("100", help="Most entries to print.").tag(config=True)
+
+    async def act(self, db) -> int:
+        from .administration import parse_audit_query
+        from .audit import AuditLog
+
+        query = parse_audit_query({k: getattr(self, k) for k in ("user", "action", "since", "until", "limit")})
+        self.show(await AuditLog(db).query(**query), ["time", "actor", "acting_as", "action", "subject", "details"])
         return 0
-    effective = policy.effective(state)
-    if args.json:
-        print(json.dumps({"grants": policy.grants("user", name), "effective": effective}, indent=2))
+
+
+def run(argv: list[str]) -> int:
+    """Run one command line of the application in this process (tests, scripts); returns its exit code.
+
+    The application and its commands are traitlets singletons, so each is cleared after the run.
+    """
+    from .app import InferenceService
+
+    app = InferenceService.instance()
+    try:
+        app.initialize(argv)
+        app.start()
         return 0
-    rows = [{"feature/model": k, **v} for k, v in effective["features"].items()]
-    rows += [{"feature/model": f"model:{k}", **v} for k, v in effective["models"].items()]
-    rows.append({"feature/model": "model:(others)", **effective["other_models"]})
-    print(f"{name} (groups: {', '.join(effective['groups']) or '-'}); {effective['precedence']}")
-    _print(rows, ["feature/model", "allowed", "source", "via"], False)
-    return 0
-
-
-def run_cli(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
-    return asyncio.run(_run(args))
-
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    finally:
+        while app is not None:
+            type(app).clear_instance()
+            app = app.subapp

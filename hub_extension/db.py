@@ -18,9 +18,11 @@ from typing import Any, TypeVar
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import sessionmaker
 
 log = logging.getLogger("hub_extension.db")
+logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO lines (plugins, DDL mode) are noise here
 T = TypeVar("T")
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -51,6 +53,10 @@ def make_engine(url: str, *, pool_size: int = 8) -> Engine:
 
         return engine
     return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+
+
+class DatabaseMissing(RuntimeError):
+    """The configured database does not exist or has no (current) schema."""
 
 
 class Database:
@@ -92,6 +98,28 @@ class Database:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, functools.partial(self.call, fn, *args, **kwargs))
 
+    def check_schema(self) -> None:
+        """Raise DatabaseMissing unless this is a service database at the newest revision (never creates one)."""
+        url = make_url(self.url)
+        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+            if not Path(url.database).is_file():  # connecting would create an empty file
+                raise DatabaseMissing(f"There is no database at {url.database!r}.")
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
+
+        try:
+            with self.engine.connect() as conn:
+                current = MigrationContext.configure(conn).get_current_revision()
+        except OperationalError as e:
+            raise DatabaseMissing(f"Cannot open the database at {self.engine.url!r}: {e.orig}") from None
+        head = ScriptDirectory.from_config(alembic_config(self.url)).get_current_head()
+        if current is None:
+            raise DatabaseMissing(f"The database at {self.engine.url!r} has no jupyterhub-inference schema.")
+        if current != head:
+            raise DatabaseMissing(
+                f"The database at {self.engine.url!r} is at revision {current}, not {head}: run `db upgrade`."
+            )
+
     def upgrade(self, revision: str = "head") -> None:
         upgrade(self.url, revision, engine=self.engine)
 
@@ -113,7 +141,6 @@ def upgrade(url: str, revision: str = "head", *, engine: Engine | None = None) -
     """Apply Alembic migrations up to `revision` (idempotent)."""
     from alembic import command
 
-    logging.getLogger("alembic").setLevel(logging.WARNING)
     cfg = alembic_config(url)
     if engine is not None:
         with engine.begin() as conn:

@@ -9,18 +9,22 @@ import json
 import os
 import sys
 
+from .scopes import ADMIN_SCOPE, ANY_MODEL, FEATURES, MODEL_SCOPE_PREFIX, feature_scope, model_scope
+
 SERVICE_NAME = "inference"
-FEATURES = ("chat", "completions", "embeddings", "keys", "usage", "resources")
 
 CUSTOM_SCOPES = {
-    "custom:inference:admin": {"description": "Administer the inference service: users, keys, grants, audit."},
+    ADMIN_SCOPE: {"description": "Administer the inference service: users, keys, grants, audit."},
     **{
-        f"custom:inference:{feature}": {"description": f"Use the inference service's '{feature}' feature."}
+        feature_scope(feature): {"description": f"Use the inference service's '{feature}' feature."}
         for feature in FEATURES
     },
-    "custom:inference:model:*": {"description": "Use every model of the inference service."},
+    model_scope(ANY_MODEL): {"description": "Use every model of the inference service."},
 }
-MODEL_SCOPE_PREFIX = "custom:inference:model:"
+# Requested by the service's OAuth client besides its own scopes: the Hub-admin-only scope that tells the service
+# a browser login is a Hub admin's (see scopes.ADMIN_LEVEL_HUB_SCOPES). It lets the holder open the Hub's admin page
+# and nothing else.
+HUB_ADMIN_MARKER_SCOPE = "admin-ui"
 
 
 def model_scopes(roles: list[dict] | None) -> dict[str, dict]:
@@ -46,6 +50,7 @@ def configure(
     port: int = 8010,
     db_url: str | None = None,
     models_config: str | None = None,
+    config_file: str | os.PathLike | None = None,
     roles: list[dict] | None = None,
     service_name: str = SERVICE_NAME,
     environment: dict[str, str] | None = None,
@@ -80,7 +85,9 @@ def configure(
         env["INFERENCE_DB_URL"] = db_url
     if models_config:
         env["INFERENCE_MODELS_CONFIG"] = str(models_config)
-    for name in ("PATH", "HOME", "HF_HOME", "TRANSFORMERS_CACHE", "INFERENCE_LOG_LEVEL"):
+    if config_file:
+        env["INFERENCE_CONFIG"] = str(config_file)
+    for name in ("PATH", "HOME", "HF_HOME", "TRANSFORMERS_CACHE", "INFERENCE_LOG_LEVEL", "INFERENCE_STATE_DIR"):
         if name in os.environ:
             env.setdefault(name, os.environ[name])
     service = {
@@ -89,7 +96,7 @@ def configure(
         "command": [sys.executable, "-m", "hub_extension", "serve", *(extra_args or [])],
         "environment": env,
         "oauth_no_confirm": True,
-        "oauth_client_allowed_scopes": sorted({*CUSTOM_SCOPES, *extra_scopes}),
+        "oauth_client_allowed_scopes": sorted({*CUSTOM_SCOPES, *extra_scopes, HUB_ADMIN_MARKER_SCOPE}),
         "display": True,
     }
     services = [s for s in _get(c, "services", []) if s.get("name") != service_name]

@@ -1,7 +1,7 @@
 """Who is calling: where every credential is checked.
 
-Modes:
-- `none`: no authenticator exists; handlers see an anonymous admin identity and no credential is read.
+Modes (`IdentityProvider.mode`):
+- `none`: no credential is read; handlers see an anonymous admin identity.
 - `static`: keys from configuration, compared in constant time; a holder acts as admin.
 - `hub`: users from the Hub: a Hub OAuth cookie (browser), a Hub API token, or a key we issued.
   Configured static keys are still accepted when given.
@@ -15,18 +15,24 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import os
 import re
 from dataclasses import dataclass
+
+from traitlets import Enum, Integer, List, Unicode, default, validate
+from traitlets.config import LoggingConfigurable
 
 from . import key_format
 from .api_keys import KeyManager
 from .errors import Forbidden, Unauthorized
 from .orm import UserStatus
+from .permissions import PermissionPolicy
+from .scopes import ADMIN_LEVEL_HUB_SCOPES, inference_scopes
 from .users import UserDirectory, UserState
 
 log = logging.getLogger("hub_extension.identity")
 
-ADMIN_SCOPE = "custom:inference:admin"
+IDENTITY_MODES = ("none", "static", "hub")
 _AUTH_HEADER = re.compile(r"^\s*(?:token|bearer)\s+(\S+)\s*$", re.IGNORECASE)
 
 
@@ -102,38 +108,77 @@ def presented_credential(headers) -> str | None:
     return key.strip() if key else None
 
 
-class Authenticator:
-    """Resolves a request to an Identity, or raises Unauthorized / Forbidden."""
+class IdentityProvider(LoggingConfigurable):
+    """Resolves a request to an Identity, or raises Unauthorized / Forbidden. The one identity path: the API and
+    the account page both ask it (`authenticate` for API requests, `hub_identity` for a Hub user already known)."""
 
-    def __init__(
-        self,
-        *,
-        mode: str,
-        static_keys: StaticKeys,
-        keys: KeyManager | None = None,
-        users: UserDirectory | None = None,
-        hub_auth=None,
-        hub_roles: list[dict] | None = None,
-    ):
-        self.mode = mode
-        self.static_keys = static_keys
+    mode = Enum(
+        list(IDENTITY_MODES),
+        help="""How callers are identified: `none`, `static` or `hub`.
+
+        - `none`: no authentication at all (every caller is an anonymous admin). Loopback only, please.
+        - `static`: only the configured `static_keys`; a holder acts as admin.
+        - `hub`: JupyterHub users (OAuth cookie, Hub API token) and keys this service issued;
+          configured static keys are still accepted.
+
+        Defaults to $INFERENCE_IDENTITY, else `hub` when run by a Hub, else `static` when static keys are
+        configured, else `none`.""",
+    ).tag(config=True)
+
+    @default("mode")
+    def _mode_default(self):
+        if os.environ.get("INFERENCE_IDENTITY"):
+            return os.environ["INFERENCE_IDENTITY"]
+        if os.environ.get("JUPYTERHUB_API_TOKEN"):
+            return "hub"
+        return "static" if self.static_keys else "none"
+
+    static_keys = List(
+        Unicode(),
+        help="""Keys accepted as an admin in `static` mode (and also in `hub` mode).
+        Defaults to the comma-separated $INFERENCE_API_KEYS. Compared in constant time.""",
+    ).tag(config=True)
+
+    @default("static_keys")
+    def _static_keys_default(self):
+        return [k.strip() for k in os.environ.get("INFERENCE_API_KEYS", "").split(",") if k.strip()]
+
+    static_keys_file = Unicode("", help="A file with one static key per line, added to `static_keys`.").tag(
+        config=True
+    )
+
+    hub_token_cache_seconds = Integer(
+        30,
+        help="""How long a Hub token's (or cookie's) identity is cached. This bounds how long a revoked Hub
+        token keeps working. Must be at least 1 (JupyterHub treats 0 as 'forever').""",
+    ).tag(config=True)
+
+    @validate("hub_token_cache_seconds")
+    def _validate_cache(self, proposal):
+        if proposal.value < 1:
+            raise ValueError("IdentityProvider.hub_token_cache_seconds must be >= 1 (0 means forever to HubAuth)")
+        return proposal.value
+
+    def __init__(self, *, keys: KeyManager | None = None, users: UserDirectory | None = None,
+                 permissions: PermissionPolicy | None = None, hub_auth=None, **kwargs):
+        super().__init__(**kwargs)
+        if self.static_keys_file:
+            with open(self.static_keys_file) as f:
+                self.static_keys = self.static_keys + [line.strip() for line in f if line.strip()]
+        if self.mode == "static" and not self.static_keys:
+            raise ValueError("IdentityProvider.mode is 'static' but no static_keys are configured")
         self.keys = keys
         self.users = users
+        self.permissions = permissions
         self.hub_auth = hub_auth
-        self.hub_roles = hub_roles or []
-        self.failures = 0  # for metrics
+        self.checker = StaticKeys(self.static_keys)
         self._key_identities: dict[int, tuple] = {}
 
     async def authenticate(self, handler) -> Identity:
-        try:
-            return await self._authenticate(handler)
-        except Unauthorized:
-            self.failures += 1
-            raise
-
-    async def _authenticate(self, handler) -> Identity:
+        if self.mode == "none":  # no credential is read at all
+            return Identity.anonymous()
         credential = presented_credential(handler.request.headers)
-        if credential and self.static_keys and self.static_keys.matches(credential):
+        if credential and self.checker and self.checker.matches(credential):
             return Identity(name="static", via="static_key", is_admin=True)
         if self.mode == "static":
             raise Unauthorized("Invalid API key." if credential else "An API key is required.")
@@ -146,15 +191,17 @@ class Authenticator:
     async def _from_key(self, secret: str) -> Identity:
         record = await self.keys.check(secret)
         state = await self.users.by_id(record.user_id)
-        self._check_state(state)
+        check_state(state)
         # Both caches hand out the same objects until they refresh, so the identity built from them can be reused.
         cached = self._key_identities.get(record.id)
         if cached is not None and cached[0] is record and cached[1] is state:
             return cached[2]
+        narrowed = record.features is not None or record.models is not None
         identity = Identity(
             name=state.name,
             via="api_key",
-            is_admin=self.is_admin(state),
+            # A narrowed key never administers (nor acts as another user): only a key with its owner's full rights.
+            is_admin=not narrowed and self.permissions.is_admin(state),
             user_id=state.id,
             groups=state.groups,
             roles=state.roles,
@@ -175,49 +222,37 @@ class Authenticator:
             hub_user = await self.hub_auth.get_user(handler, sync=False)
         if not hub_user:
             raise Unauthorized("Authentication required: a Hub token, a Hub login or an API key.")
+        return await self.hub_identity(hub_user, via="hub_token" if token else "hub_cookie")
+
+    async def hub_identity(self, hub_user: dict, via: str) -> Identity:
+        """The identity of a user the Hub vouched for, with the rights of that credential (its scopes)."""
         if hub_user.get("kind", "user") != "user":
             raise Forbidden("Only users can call this service.")
-        scopes = set(hub_user.get("scopes") or ())
         access = self.hub_auth.access_scopes
         if access and not self.hub_auth.check_scopes(access, hub_user):
             raise Forbidden("This Hub credential does not grant access to the inference service.")
         state = await self.users.seen_from_hub(hub_user)
-        self._check_state(state)
+        check_state(state)
         self.users.note_seen(state.id)
-        hub_scopes = frozenset(s for s in scopes if s.startswith("custom:inference:"))
-        via = "hub_token" if token else "hub_cookie"
+        scopes = frozenset(hub_user.get("scopes") or ())
         return Identity(
             name=state.name,
             via=via,
-            is_admin=state.hub_admin or ADMIN_SCOPE in hub_scopes,
+            # Admin power follows the credential, not the person: a Hub admin's token narrowed to
+            # `access:services` is an ordinary user's here.
+            is_admin=bool(scopes & ADMIN_LEVEL_HUB_SCOPES),
             user_id=state.id,
             groups=state.groups,
             roles=state.roles,
-            hub_scopes=hub_scopes,
+            hub_scopes=inference_scopes(scopes),
         )
 
-    def scopes_from_roles(self, state: UserState) -> frozenset[str]:
-        """The user's `custom:inference:*` Hub scopes, from the Hub roles they or their groups hold.
 
-        The Hub has no API that lists a role's scopes, so the service is handed the same `load_roles`
-        list the Hub is configured with (`InferenceService.hub_roles`); which roles a user holds and which
-        groups they are in come live from the Hub.
-        """
-        scopes: set[str] = set()
-        groups = set(state.groups)
-        for role in self.hub_roles:
-            if role.get("name") in state.roles or groups.intersection(role.get("groups") or ()):
-                scopes.update(role.get("scopes") or ())
-        return frozenset(s for s in scopes if s.startswith("custom:inference:"))
-
-    def is_admin(self, state: UserState) -> bool:
-        return state.hub_admin or ADMIN_SCOPE in self.scopes_from_roles(state)
-
-    @staticmethod
-    def _check_state(state: UserState | None) -> None:
-        if state is None or not state.in_hub:
-            raise Unauthorized("Invalid API key.")
-        if state.status == UserStatus.DISABLED:
-            raise Forbidden("This account is disabled.", code="user_disabled")
-        if state.status == UserStatus.PENDING:
-            raise Forbidden("This account is awaiting approval.", code="user_pending")
+def check_state(state: UserState | None) -> None:
+    """Refuse a user the Hub no longer has, a disabled one (403) and one awaiting approval (403)."""
+    if state is None or not state.in_hub:
+        raise Unauthorized("Invalid API key.")
+    if state.status == UserStatus.DISABLED:
+        raise Forbidden("This account is disabled.", code="user_disabled")
+    if state.status == UserStatus.PENDING:
+        raise Forbidden("This account is awaiting approval.", code="user_pending")

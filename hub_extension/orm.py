@@ -37,6 +37,8 @@ class User(Base):
     hub_roles: Mapped[list[str]] = mapped_column(JSON, nullable=False, default=list)
     # False once the Hub no longer lists the user (deleted) or blocks them: every credential is refused.
     in_hub: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
+    # The Hub's `created` time of this person: a different one under the same name is a new person.
+    hub_created: Mapped[str | None] = mapped_column(String(40), nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
     last_seen: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
 

@@ -7,7 +7,7 @@ anything decides, and within a level an explicit deny wins over an allow:
 2. **group grant** (database, set by an admin for a Hub group the user is in: allow or deny);
 3. **Hub scope** (`custom:inference:<feature>`, `custom:inference:model:<name>` or `custom:inference:model:*`,
    granted by a Hub role in `load_roles`: config as code; scopes can only allow);
-4. **default** (`InferenceService.feature_defaults`, `InferenceService.model_default_allow`).
+4. **default** (`PermissionPolicy.feature_defaults`, `PermissionPolicy.model_default_allow`).
 
 For models, a grant on the exact model name beats a `*` grant *at the same level*; a level with neither
 passes to the next. A narrowed key can only take away: what a key may do is the key's subset intersected
@@ -21,29 +21,39 @@ reloaded every `reload_seconds` to see changes made by other replicas or the CLI
 from __future__ import annotations
 
 import itertools
+import json
 import logging
+import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from traitlets import Bool, Dict, Float, List, default, validate
+from traitlets.config import LoggingConfigurable
 
 from .audit import AuditLog
 from .db import Database
 from .errors import BadRequest, Conflict
 from .orm import Grant
+from .scopes import (
+    ADMIN_SCOPE,
+    ANY_MODEL,
+    FEATURES,
+    MODEL_SCOPE_PREFIX,
+    feature_scope,
+    model_scope,
+    scopes_from_roles,
+)
 
 log = logging.getLogger("hub_extension.permissions")
 
-FEATURES = ("chat", "completions", "embeddings", "keys", "usage", "resources")
-SCOPE_PREFIX = "custom:inference:"
-MODEL_SCOPE_PREFIX = "custom:inference:model:"
-ANY_MODEL = "*"
 PRECEDENCE = "user grant > group grant > Hub scope > default; an explicit deny wins at its level"
 SUBJECT_KINDS = ("user", "group")
+MAX_GRANTS_PER_SUBJECT = 256  # grants one user or group may have (every grant is a row and in every snapshot)
 # Identities that no permission narrows: mode `none` and configured static keys (both act as admin).
 UNRESTRICTED_VIA = frozenset({"none", "static_key"})
 
@@ -88,35 +98,72 @@ def grants_model(entries: Mapping[tuple[str, str], bool]) -> dict:
     return out
 
 
-class PermissionPolicy:
+class PermissionPolicy(LoggingConfigurable):
     """Resolves grants for an identity (or a user's state) against the in-memory snapshot.
 
-    `role_scopes(subject)` returns the `custom:inference:*` Hub scopes a user holds through the roles and
-    groups the Hub reports (`Authenticator.scopes_from_roles`); it is used whenever the credential itself did
-    not carry scopes (our keys, view-as, admin views of another user).
+    Hub scopes count from the credential when it carried them (a Hub token or login), else from the Hub roles
+    the user holds (`hub_roles`): our keys, view-as, admin views of another user.
     """
 
-    def __init__(
-        self,
-        feature_defaults: Mapping[str, bool] | None = None,
-        *,
-        model_default_allow: bool = True,
-        role_scopes: Callable[[Any], frozenset[str]] | None = None,
-        db: Database | None = None,
-        reload_seconds: float = 5.0,
-    ):
-        unknown = set(feature_defaults or ()) - set(FEATURES)
+    feature_defaults = Dict(
+        help=f"""Feature -> bool: what every user may do unless a grant says otherwise.
+
+        Features: {", ".join(FEATURES)}. Unlisted features default to allowed."""
+    ).tag(config=True)
+
+    @validate("feature_defaults")
+    def _validate_features(self, proposal):
+        unknown = set(proposal.value) - set(FEATURES)
         if unknown:
-            raise ValueError(f"unknown feature(s) in feature_defaults: {sorted(unknown)}")
-        self.feature_defaults = {f: True for f in FEATURES} | dict(feature_defaults or {})
-        self.model_default_allow = model_default_allow
-        self.role_scopes = role_scopes or (lambda _subject: frozenset())
+            raise ValueError(f"PermissionPolicy.feature_defaults: unknown feature(s) {sorted(unknown)}")
+        if not all(isinstance(v, bool) for v in proposal.value.values()):
+            raise ValueError("PermissionPolicy.feature_defaults: values must be true or false")
+        return proposal.value
+
+    model_default_allow = Bool(
+        True,
+        help="""Whether a user may use a model nobody granted or denied them.
+
+        True: every configured model, unless a grant denies it. False: an allow-list; a user may use only
+        the models granted to them, their Hub groups (database grants) or their Hub roles
+        (`custom:inference:model:<name>` or `custom:inference:model:*` scopes).""",
+    ).tag(config=True)
+
+    reload_seconds = Float(
+        5.0,
+        help="""Seconds between reloads of the grants table into memory. A grant changed in this process
+        applies at once; one changed by another replica or the CLI applies within this time.""",
+    ).tag(config=True)
+
+    hub_roles = List(
+        Dict(),
+        help="""The Hub's `load_roles` (the same list given to `c.JupyterHub.load_roles`).
+
+        The Hub cannot tell a service which scopes a role holds, so the service reads the `custom:inference:*`
+        scopes of roles from here, and which roles and groups a user has from the Hub. Defaults to the JSON
+        in $INFERENCE_HUB_ROLES (set by `hub_extension.hub_config`).""",
+    ).tag(config=True)
+
+    @default("hub_roles")
+    def _hub_roles_default(self):
+        raw = os.environ.get("INFERENCE_HUB_ROLES")
+        return json.loads(raw) if raw else []
+
+    def __init__(self, db: Database | None = None, **kwargs):
+        super().__init__(**kwargs)
         self.db = db
-        self.reload_seconds = reload_seconds
         self.snapshot = GrantSnapshot()
         self.loaded_at = 0.0
         self._tickets = itertools.count(1)
         self._applied = 0  # ticket of the snapshot in use: an older read finishing late never replaces a newer one
+
+    def role_scopes(self, state) -> frozenset[str]:
+        """The `custom:inference:*` scopes `state` (a user) holds through their Hub roles and groups."""
+        return scopes_from_roles(self.hub_roles, state.roles, state.groups)
+
+    def is_admin(self, state) -> bool:
+        """Whether a user (not a credential) administers the service: a Hub admin or the admin scope by role."""
+        return bool(state.hub_admin) or ADMIN_SCOPE in self.role_scopes(state)
 
     # -- the snapshot ----------------------------------------------------------------------------------
 
@@ -186,12 +233,12 @@ class PermissionPolicy:
                 return Decision(not denied, "group_grant", f"group:{group}")
         scopes = self.scopes_for(who)
         for t in targets:
-            scope = f"{MODEL_SCOPE_PREFIX}{t}" if kind == "model" else f"{SCOPE_PREFIX}{t}"
+            scope = model_scope(t) if kind == "model" else feature_scope(t)
             if scope in scopes:
                 return Decision(True, "hub_scope", scope)
         if kind == "model":
             return Decision(self.model_default_allow, "default")
-        return Decision(self.feature_defaults[target], "default")
+        return Decision(self.feature_defaults.get(target, True), "default")
 
     def effective(self, who, models: Iterable[str] = ()) -> dict:
         """Every feature and model with its answer and source, for `who` (an Identity or a UserState).
@@ -278,11 +325,13 @@ class PermissionPolicy:
             entries = body.get(section) or {}
             if not isinstance(entries, dict):
                 raise BadRequest(f"'{section}' must be an object of name -> true/false.", param=section)
+            if len(entries) > MAX_GRANTS_PER_SUBJECT:
+                raise BadRequest(f"At most {MAX_GRANTS_PER_SUBJECT} grants per subject.", param=section)
             for target, allow in entries.items():
                 if kind == "feature" and target not in FEATURES:
                     raise BadRequest(f"Unknown feature {target!r}; one of {', '.join(FEATURES)}.", param=section)
-                if not target or len(target) > 255:
-                    raise BadRequest(f"Model names must be 1 to 255 characters: {target!r}.", param=section)
+                if not target or len(target) > 128 or not target.isprintable():
+                    raise BadRequest(f"Names must be 1 to 128 printable characters: {target[:40]!r}.", param=section)
                 if not (isinstance(allow, bool) or (allow is None and partial)):
                     expected = "true, false or null" if partial else "true or false"
                     raise BadRequest(f"'{section}.{target}' must be {expected}.", param=section)
@@ -344,6 +393,11 @@ class PermissionPolicy:
                 session.add(Grant(subject_kind=subject_kind, subject=subject, kind=key[0], target=key[1],
                                   allow=new, created_by=actor))
         session.flush()
+        count = session.execute(
+            select(func.count(Grant.id)).where(Grant.subject_kind == subject_kind, Grant.subject == subject)
+        ).scalar_one()
+        if count > MAX_GRANTS_PER_SUBJECT:
+            raise BadRequest(f"At most {MAX_GRANTS_PER_SUBJECT} grants per subject; remove some first.")
         if diff:
             action = "grants.set" if (changes or not replace) else "grants.delete"
             AuditLog.add(session, action=action, details={"subject_kind": subject_kind, "changes": diff}, **audit)

@@ -8,7 +8,7 @@ from typing import Any
 from .api_keys import KeyManager
 from .audit import AuditLog
 from .db import Database
-from .identity import Authenticator
+from .identity import IdentityProvider
 from .permissions import PermissionPolicy
 from .users import UserDirectory
 
@@ -20,11 +20,12 @@ class Services:
     users: UserDirectory
     audit: AuditLog
     permissions: PermissionPolicy
-    authenticator: Authenticator | None  # None in mode `none`: nothing on the request path checks anything
+    identity: IdentityProvider
     hub: Any = None  # users.HubUsers: the Hub's REST API (None outside `hub` mode)
     admin: Any = None  # administration.UserAdmin
     models: Any = None  # engine.ModelManager
     max_body_bytes: int = 8 * 1024 * 1024
+    trusted_proxies: tuple = ()  # net.parse_networks(InferenceService.trusted_proxies)
     usage_sinks: list = field(default_factory=list)
 
     def record_usage(self, event: dict) -> None:

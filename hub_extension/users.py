@@ -15,14 +15,17 @@ import time
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from traitlets import Enum, Float, Unicode, validate
+from traitlets.config import LoggingConfigurable
 
+from .api_keys import revoke_keys
 from .audit import AuditLog
 from .db import Database
-from .errors import BadRequest, Conflict, NotFound
-from .orm import User, UserStatus, utcnow
+from .errors import Conflict, NotFound
+from .orm import Grant, User, UserStatus, utcnow
 
 log = logging.getLogger("hub_extension.users")
 
@@ -72,35 +75,58 @@ def user_model(row: User) -> dict:
     }
 
 
-class UserDirectory:
-    def __init__(
-        self,
-        db: Database,
-        *,
-        cache_seconds: float = 10.0,
-        new_user_status: str = UserStatus.ACTIVE,
-        blocked_group: str = "inference-blocked",
-    ):
-        self.blocked_group = blocked_group  # members are refused as if the Hub had deleted them
+class UserDirectory(LoggingConfigurable):
+    """Users as this service knows them, with a per-process cache of each user's state.
+
+    The cache has a generation guard, like the key cache: a look-up that started before a change (a disable, a
+    Hub sync) never writes its older answer back after the change.
+    """
+
+    cache_seconds = Float(
+        5.0, help="How long a user's state is cached per process (other replicas see changes within this)."
+    ).tag(config=True)
+
+    new_user_status = Enum(
+        list(UserStatus.ALL), UserStatus.ACTIVE, help="Status of a user seen for the first time: active or pending."
+    ).tag(config=True)
+
+    blocked_group = Unicode(
+        "inference-blocked", help="Members of this Hub group are refused, as if deleted from the Hub."
+    ).tag(config=True)
+
+    sync_interval = Float(
+        30.0,
+        help="""Seconds between syncs with the Hub's user list. A user deleted or blocked in the Hub loses
+        access, keys included, within this bound (plus one Hub round trip); a deleted user's keys are revoked.""",
+    ).tag(config=True)
+
+    @validate("cache_seconds", "sync_interval")
+    def _validate_positive(self, proposal):
+        if proposal.value < 0:
+            raise ValueError(f"UserDirectory.{proposal.trait.name} must be >= 0")
+        return proposal.value
+
+    def __init__(self, db: Database | None = None, **kwargs):
+        super().__init__(**kwargs)
         self.db = db
-        self.cache_seconds = cache_seconds
-        self.new_user_status = new_user_status
         self._by_id: dict[int, tuple[float, UserState]] = {}
         self._by_name: dict[str, tuple[float, UserState]] = {}
+        self._generation = 0  # bumped on every change; a load that began under an older one is not cached
         self._last_seen: dict[int, dt.datetime] = {}
-        self.on_change: list = []  # callbacks(UserState) run when a state changes here
 
     # -- cache --------------------------------------------------------------------------------------
 
-    def _remember(self, state: UserState) -> UserState:
+    def _remember(self, state: UserState, generation: int | None = None) -> UserState:
+        """Cache `state`, unless it was read under `generation` and something changed since."""
+        if generation is not None and generation != self._generation:
+            return state
         now = time.monotonic()
-        old = self._by_id.get(state.id)
         self._by_id[state.id] = (now, state)
         self._by_name[state.name] = (now, state)
-        if old is not None and old[1] != state:
-            for callback in self.on_change:
-                callback(state)
         return state
+
+    def _changed(self) -> None:
+        self._generation += 1
 
     def _fresh(self, entry: tuple[float, UserState] | None) -> UserState | None:
         if entry is not None and time.monotonic() - entry[0] < self.cache_seconds:
@@ -115,9 +141,10 @@ class UserDirectory:
     async def by_id(self, user_id: int) -> UserState | None:
         state = self._fresh(self._by_id.get(user_id))
         if state is None:
+            generation = self._generation
             state = await self.db.run(self._load_id, user_id)
             if state is not None:
-                self._remember(state)
+                self._remember(state, generation)
         return state
 
     @staticmethod
@@ -128,13 +155,13 @@ class UserDirectory:
     async def by_name(self, name: str) -> UserState:
         state = self._fresh(self._by_name.get(name))
         if state is None:
-            state = await self.db.run(self._load_name, name)
-            self._remember(state)
+            generation = self._generation
+            state = self._remember(await self.db.run(self._load_name, name), generation)
         return state
 
     @staticmethod
     def _load_name(session: Session, name: str) -> UserState:
-        row = session.execute(select(User).where(User.name == name)).scalar_one_or_none()
+        row = _find(session, name)
         if row is None:
             raise NotFound(f"No such user: {name}")
         return UserState.from_row(row)
@@ -147,43 +174,55 @@ class UserDirectory:
         state = self._fresh(self._by_name.get(name))
         if state is not None and state.groups == groups and state.hub_admin == admin:
             return state
-        roles = hub_user.get("roles")
-        state = await self.db.run(self._upsert, name, admin, groups, tuple(roles) if roles is not None else None)
-        return self._remember(state)
+        generation = self._generation
+        state = await self.db.run(self._upsert, hub_user)
+        return self._remember(state, generation)
 
-    def _upsert(
-        self, session: Session, name: str, admin: bool, groups: tuple, roles: tuple | None
-    ) -> UserState:
-        row = session.execute(select(User).where(User.name == name)).scalar_one_or_none()
+    def _upsert(self, session: Session, hub_user: dict) -> UserState:
+        name = hub_user["name"]
+        roles = hub_user.get("roles")
+        created = hub_user.get("created")
+        row = _find(session, name)
+        if row is not None and created and row.hub_created and row.hub_created != created:
+            self._retire(session, row)  # the Hub deleted that person and someone new took the name
+            row = None
         if row is None:
-            row = User(name=name, status=self.new_user_status, hub_groups=list(groups), hub_roles=list(roles or ()))
+            row = User(name=name, status=self.new_user_status, hub_groups=[], hub_roles=[])
             session.add(row)
             log.info("new user %s (%s)", name, self.new_user_status)
-        row.hub_admin = admin
-        row.hub_groups = list(groups)
+        row.hub_admin = bool(hub_user.get("admin"))
+        row.hub_groups = sorted(hub_user.get("groups") or ())
         if roles is not None:
-            row.hub_roles = list(roles)
+            row.hub_roles = sorted(roles)
+        if created:
+            row.hub_created = created
         # The Hub vouched for this user just now, so they exist; membership of the blocked group still counts.
-        row.in_hub = self.blocked_group not in groups
+        row.in_hub = self.blocked_group not in row.hub_groups
         session.flush()
         return UserState.from_row(row)
-
-    # -- changes ------------------------------------------------------------------------------------
-
-    async def set_status(self, name: str, status: str) -> UserState:
-        if status not in UserStatus.ALL:
-            raise BadRequest(f"Unknown status {status!r}; one of {', '.join(UserStatus.ALL)}.", param="status")
-        state = await self.db.run(self._set_status, name, status)
-        return self._remember(state)
 
     @staticmethod
-    def _set_status(session: Session, name: str, status: str) -> UserState:
-        row = session.execute(select(User).where(User.name == name)).scalar_one_or_none()
-        if row is None:
-            raise NotFound(f"No such user: {name}")
-        row.status = status
+    def _retire(session: Session, row: User) -> list[str]:
+        """A user the Hub deleted: revoke their keys and drop their grants (audited), and free the name.
+
+        The row stays (the audit log and usage point at it) under a name the Hub can never give anyone ('/' is
+        not allowed in Hub user names), so a person who later gets the same name starts with nothing of theirs.
+        Returns the revoked keys' hashes.
+        """
+        audit = {"actor": "hub-sync", "subject": row.name, "client_ip": None}
+        hashes, _ = revoke_keys(session, row.id, None, audit)
+        removed = session.execute(
+            delete(Grant).where(Grant.subject_kind == "user", Grant.subject == row.name)
+        ).rowcount
+        AuditLog.add(session, action="user.deleted", details={"revoked_keys": len(hashes), "grants_removed": removed},
+                     **audit)
+        log.warning("user %s was deleted in the Hub: %d key(s) revoked", row.name, len(hashes))
+        row.name = f"{row.name[:200]}/deleted-{row.id}"
+        row.in_hub = False
         session.flush()
-        return UserState.from_row(row)
+        return hashes
+
+    # -- changes ------------------------------------------------------------------------------------
 
     async def apply_action(self, name: str, action: str, *, audit: dict) -> UserState:
         """An admin's `approve|deny|disable|enable`, audited in the same transaction (one entry per change).
@@ -193,7 +232,9 @@ class UserDirectory:
         """
         if action not in STATUS_ACTIONS:
             raise NotFound(f"No such action: {action}")
+        self._changed()  # before the write: a look-up already in flight must not cache the old status after it
         state = await self.db.run(self._apply_action, name, action, audit)
+        self._changed()
         return self._remember(state)
 
     @staticmethod
@@ -215,60 +256,77 @@ class UserDirectory:
 
     @staticmethod
     def _list(session: Session) -> list[dict]:
-        return [user_model(row) for row in session.execute(select(User).order_by(User.name)).scalars()]
+        query = select(User).where(~User.name.contains("/")).order_by(User.name)  # not the retired rows
+        return [user_model(row) for row in session.execute(query).scalars()]
 
     async def get_model(self, name: str) -> dict | None:
         return await self.db.run(self._get_model, name)
 
     @staticmethod
     def _get_model(session: Session, name: str) -> dict | None:
-        row = session.execute(select(User).where(User.name == name)).scalar_one_or_none()
+        row = _find(session, name)
         return user_model(row) if row is not None else None
-
-    async def get_or_create(self, name: str) -> UserState:
-        """For admin tools that act on a user before their first request (a name the Hub knows)."""
-        try:
-            return await self.by_name(name)
-        except NotFound:
-            state = await self.db.run(self._upsert, name, False, (), None)
-            return self._remember(state)
 
     # -- Hub sync -----------------------------------------------------------------------------------
 
-    def apply_hub_listing(self, session: Session, hub_users: list[dict]) -> list[str]:
-        """Bring every known user in line with a complete Hub listing; returns names whose state changed."""
+    def apply_hub_listing(self, session: Session, hub_users: list[dict]) -> tuple[list[str], list[str]]:
+        """Bring every known user in line with a complete Hub listing.
+
+        Returns (names whose state changed, hashes of keys revoked because their owner was deleted).
+        """
         by_name = {u["name"]: u for u in hub_users}
-        changed = []
-        for row in session.execute(select(User)).scalars():
+        changed: list[str] = []
+        revoked: list[str] = []
+        for row in session.execute(select(User).where(~User.name.contains("/"))).scalars():
             hub = by_name.get(row.name)
-            in_hub = hub is not None and self.blocked_group not in (hub.get("groups") or ())
-            if hub is not None:
-                groups = sorted(hub.get("groups") or ())
-                roles = sorted(hub.get("roles") or ())
-                if (row.hub_admin, sorted(row.hub_groups or ()), sorted(row.hub_roles or ())) != (
-                    bool(hub.get("admin")), groups, roles,
-                ):
-                    row.hub_admin, row.hub_groups, row.hub_roles = bool(hub.get("admin")), groups, roles
-                    changed.append(row.name)
+            if hub is None and not by_name:
+                log.warning("the Hub listed no users at all; not treating %s as deleted", row.name)
+                continue
+            created = hub.get("created") if hub is not None else None
+            if hub is None or (created and row.hub_created and created != row.hub_created):
+                changed.append(row.name)
+                revoked += self._retire(session, row)
+                continue
+            in_hub = self.blocked_group not in (hub.get("groups") or ())
+            groups = sorted(hub.get("groups") or ())
+            roles = sorted(hub.get("roles") or ())
+            if (row.hub_admin, sorted(row.hub_groups or ()), sorted(row.hub_roles or ())) != (
+                bool(hub.get("admin")), groups, roles,
+            ):
+                row.hub_admin, row.hub_groups, row.hub_roles = bool(hub.get("admin")), groups, roles
+                changed.append(row.name)
+            if created and not row.hub_created:
+                row.hub_created = created
             if row.in_hub != in_hub:
                 row.in_hub = in_hub
                 changed.append(row.name)
-                log.warning("user %s %s in the Hub", row.name, "restored" if in_hub else "deleted or blocked")
+                log.warning("user %s %s in the Hub", row.name, "restored" if in_hub else "blocked")
         session.flush()
-        return changed
+        return changed, revoked
 
-    async def sync(self, hub_users: list[dict]) -> list[str]:
-        changed = await self.db.run(self.apply_hub_listing, hub_users)
+    async def sync(self, hub_users: list[dict]) -> tuple[list[str], list[str]]:
+        self._changed()
+        changed, revoked = await self.db.run(self.apply_hub_listing, hub_users)
         if changed:
+            self._changed()
             self._by_id.clear()
             self._by_name.clear()
-        return changed
+        return changed, revoked
 
-    def flush_last_seen(self, session: Session) -> int:
+    async def flush_last_seen(self) -> int:
+        """Write the buffered `last_seen` times in one statement; the buffer is swapped here, on the loop."""
         pending, self._last_seen = self._last_seen, {}
         if pending:
-            session.execute(update(User), [{"id": uid, "last_seen": when} for uid, when in pending.items()])
+            await self.db.run(_write_last_seen, pending)
         return len(pending)
+
+
+def _write_last_seen(session: Session, pending: dict[int, dt.datetime]) -> None:
+    session.execute(update(User), [{"id": uid, "last_seen": when} for uid, when in pending.items()])
+
+
+def _find(session: Session, name: str) -> User | None:
+    return session.execute(select(User).where(User.name == name)).scalar_one_or_none()
 
 
 # -- the Hub's user list --------------------------------------------------------------------------------

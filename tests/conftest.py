@@ -8,6 +8,7 @@ Hub's proxy on both databases, and tests can look inside that instance (statemen
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import signal
@@ -25,6 +26,8 @@ from engine_fixtures import model_config_file, tiny_model_dir  # noqa: F401
 from pg import temp_database
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# No config file for the services tests start (the repository's own jupyterhub_inference_config.py is the demo's).
+os.environ["INFERENCE_CONFIG"] = ""
 ROOT = Path(__file__).resolve().parent.parent
 PROXY = ROOT / ".node/node_modules/.bin/configurable-http-proxy"
 
@@ -39,6 +42,13 @@ TEST_ROLES = [
     # A model scope (declared by hub_config.configure because a role uses it): test_admin_e2e.
     {"name": "inference-minilm", "groups": ["embedders"], "scopes": ["custom:inference:model:minilm"]},
 ]
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Every test that needs the Hub is end-to-end (`-m e2e`); the rest is the fast tier (`-m "not e2e"`)."""
+    for item in items:
+        if "hub" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.e2e)
 
 
 def free_port() -> int:
@@ -59,6 +69,23 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.1, what: str 
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out waiting for {what}")
         time.sleep(interval)
+
+
+def bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def new_key(url: str, token: str, **fields) -> str:
+    """A key made through the API with `token` (a Hub token or a key): the secret."""
+    r = requests.post(url + "api/keys", headers=bearer(token), json={"name": "k", **fields}, timeout=60)
+    assert r.status_code == 201, r.text
+    return r.json()["key"]
+
+
+def user_action(app, name: str, action: str) -> None:
+    """An admin's `approve|deny|disable|enable` on the in-process instance, as the admin API would make it."""
+    audit = {"actor": "test", "subject": name, "client_ip": None}
+    asyncio.run_coroutine_threadsafe(app.services.users.apply_action(name, action, audit=audit), app._loop).result(10)
 
 
 # -- PostgreSQL -------------------------------------------------------------------------------------
@@ -220,9 +247,9 @@ configure(
     roles={TEST_ROLES!r},
     environment={{"INFERENCE_API_KEYS": {tokens['upstream']!r}}},  # the PostgreSQL instance's upstream key
     extra_args=[
-        "--InferenceService.hub_sync_interval={HUB_SYNC_SECONDS}",
-        "--InferenceService.hub_token_cache_seconds={CACHE_SECONDS}",
-        "--InferenceService.user_cache_seconds={CACHE_SECONDS}",
+        "--UserDirectory.sync_interval={HUB_SYNC_SECONDS}",
+        "--IdentityProvider.hub_token_cache_seconds={CACHE_SECONDS}",
+        "--UserDirectory.cache_seconds={CACHE_SECONDS}",
         "--InferenceService.flush_interval=0.5",
         "--InferenceService.port={ports['service']}",
     ],
@@ -263,7 +290,7 @@ def hub(tmp_path_factory, model_config_file, pg_url):  # noqa: F811
     from hub_extension.hub_config import SERVICE_SCOPES, access_scope  # noqa: F401
 
     cfg = Config()
-    cfg.InferenceService.identity_mode = "hub"
+    cfg.IdentityProvider.mode = "hub"
     cfg.InferenceService.ip = "127.0.0.1"
     cfg.InferenceService.port = ports["service_pg"]
     cfg.InferenceService.base_url = "/services/inference-pg/"
@@ -275,11 +302,12 @@ def hub(tmp_path_factory, model_config_file, pg_url):  # noqa: F811
     pg_models.write_text(Path(model_config_file).read_text() + UPSTREAM_ENTRIES.format(base=upstream_base))
     os.environ["INFERENCE_TEST_UPSTREAM_KEY"] = tokens["upstream"]
     cfg.InferenceService.models_config = str(pg_models)
-    cfg.InferenceService.hub_sync_interval = HUB_SYNC_SECONDS
-    cfg.InferenceService.hub_token_cache_seconds = CACHE_SECONDS
-    cfg.InferenceService.user_cache_seconds = CACHE_SECONDS
+    cfg.UserDirectory.sync_interval = HUB_SYNC_SECONDS
+    cfg.IdentityProvider.hub_token_cache_seconds = CACHE_SECONDS
+    cfg.UserDirectory.cache_seconds = CACHE_SECONDS
     cfg.InferenceService.flush_interval = 0.5
-    cfg.InferenceService.hub_roles = TEST_ROLES
+    cfg.InferenceService.cookie_secret_file = str(tmp / "inference-pg-cookie-secret")
+    cfg.PermissionPolicy.hub_roles = TEST_ROLES
     cfg.HubOAuth.api_url = f"http://127.0.0.1:{ports['hub']}/hub/api"
     cfg.HubOAuth.api_token = tokens["pg"]
     cfg.HubOAuth.oauth_client_id = "service-inference-pg"

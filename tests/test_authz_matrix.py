@@ -11,6 +11,7 @@ import secrets
 
 import pytest
 import requests
+from conftest import bearer
 from tornado import web
 
 from hub_extension.handlers.base import APIHandler
@@ -97,10 +98,6 @@ def test_every_route_has_a_row(hub):
     rows = {(pattern, method) for pattern, method, *_ in ROWS if pattern is not None}
     assert routes - rows == set(), "routes without a row in the authorization matrix"
     assert rows - routes == set(), "rows for routes that no longer exist"
-
-
-def bearer(token: str) -> dict:
-    return {"Authorization": f"Bearer {token}"}
 
 
 def callers(hub, instance) -> tuple[dict[str, dict], dict]:

@@ -329,11 +329,12 @@ def serve_v1(manager, prefix: str = "") -> tuple[str, list, object]:
     from tornado import httpserver, testing, web
 
     from hub_extension.handlers import openai as v1
+    from hub_extension.identity import IdentityProvider
     from hub_extension.permissions import PermissionPolicy
 
     events: list[dict] = []
     services = SimpleNamespace(
-        authenticator=None,
+        identity=IdentityProvider(mode="none"),
         permissions=PermissionPolicy(),
         models=manager,
         max_body_bytes=1 << 20,

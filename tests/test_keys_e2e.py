@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import requests
-from conftest import CACHE_SECONDS, HUB_SYNC_SECONDS, wait_for
+from conftest import CACHE_SECONDS, HUB_SYNC_SECONDS, bearer, user_action, wait_for
 
 from hub_extension import key_format
-
-
-def bearer(token: str) -> dict:
-    return {"Authorization": f"Bearer {token}"}
 
 
 def test_key_lifecycle(hub, instance):
@@ -78,6 +73,13 @@ def test_user_deleted_in_hub_loses_access_within_the_bound(hub, instance):
              timeout=30 + 10 * HUB_SYNC_SECONDS, interval=0.2, what="key refused after Hub deletion")
     wait_for(lambda: requests.get(instance.url + "v1/models", headers=bearer(token)).status_code in (401, 403),
              timeout=30 + 10 * CACHE_SECONDS, interval=0.2, what="Hub token refused after deletion")
+    # A new person given the same name starts with nothing of the old one's: no keys, and the old key stays dead.
+    hub.api.create_user(user)
+    new_token = hub.api.user_token(user)
+    wait_for(lambda: requests.get(instance.url + "api/keys?include_revoked=true", headers=bearer(new_token)).status_code
+             == 200, timeout=30 + 10 * CACHE_SECONDS, interval=0.2, what="the new user admitted")
+    assert requests.get(instance.url + "api/keys?include_revoked=true", headers=bearer(new_token)).json() == {"keys": []}
+    assert requests.get(instance.url + "v1/models", headers=bearer(secret)).status_code == 401
 
 
 def test_blocked_group_loses_access(hub, instance):
@@ -137,12 +139,12 @@ def test_disabled_user_is_refused_at_once(hub):
     secret = requests.post(instance.url + "api/keys", headers=bearer(token), json={"name": "k"}).json()["key"]
     assert requests.get(instance.url + "v1/models", headers=bearer(secret)).status_code == 200
     app = instance.app
-    asyncio.run_coroutine_threadsafe(app.services.users.set_status(user, "disabled"), app._loop).result(10)
+    user_action(app, user, "disable")
     for credential in (secret, token):
         r = requests.get(instance.url + "v1/models", headers=bearer(credential))
         assert r.status_code == 403, r.text
         assert r.json()["error"]["code"] == "user_disabled"
-    asyncio.run_coroutine_threadsafe(app.services.users.set_status(user, "active"), app._loop).result(10)
+    user_action(app, user, "enable")
     assert requests.get(instance.url + "v1/models", headers=bearer(secret)).status_code == 200
 
 
@@ -169,7 +171,7 @@ def test_key_limits_and_validation(hub):
         assert r.status_code == 400, raw
     r = requests.post(instance.url + "api/keys", headers=headers, data=b'{"name": "' + b"x" * (9 * 1024 * 1024) + b'"}')
     assert r.status_code == 413
-    limit = app_limit = instance.app.max_keys_per_user
+    limit = app_limit = instance.app.services.keys.max_keys_per_user
     for i in range(limit):
         assert requests.post(instance.url + "api/keys", headers=headers, json={"name": f"k{i}"}).status_code == 201
     r = requests.post(instance.url + "api/keys", headers=headers, json={"name": "one too many"})

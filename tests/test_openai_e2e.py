@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 import requests
-from conftest import wait_for
+from conftest import user_action, wait_for
 
 MESSAGES = [{"role": "user", "content": "Say something about modules."}]
 
@@ -108,7 +108,7 @@ def test_disabled_user_gets_permission_denied(hub):
     token = hub.api.user_token(user)
     key = requests.post(instance.url + "api/keys", headers={"Authorization": f"Bearer {token}"}, json={"name": "k"}).json()["key"]
     app = instance.app
-    asyncio.run_coroutine_threadsafe(app.services.users.set_status(user, "disabled"), app._loop).result(10)
+    user_action(app, user, "disable")
     c = openai.OpenAI(base_url=instance.url + "v1", api_key=key, max_retries=0)
     with pytest.raises(openai.PermissionDeniedError):
         c.models.list()

@@ -14,8 +14,8 @@ import pytest
 from hub_extension.audit import AuditLog
 from hub_extension.db import Database
 from hub_extension.errors import BadRequest, Conflict, NotFound
-from hub_extension.identity import Authenticator, Identity, StaticKeys
-from hub_extension.permissions import FEATURES, GrantSnapshot, PermissionPolicy
+from hub_extension.identity import Identity
+from hub_extension.permissions import FEATURES, MAX_GRANTS_PER_SUBJECT, GrantSnapshot, PermissionPolicy
 from hub_extension.users import UserDirectory
 
 ROLES = [
@@ -29,8 +29,7 @@ AUDIT = {"actor": "root", "subject": "x", "client_ip": None}
 
 
 def policy(defaults=None, model_default=True, db=None) -> PermissionPolicy:
-    roles = Authenticator(mode="hub", static_keys=StaticKeys([]), hub_roles=ROLES)
-    return PermissionPolicy(defaults, model_default_allow=model_default, role_scopes=roles.scopes_from_roles, db=db)
+    return PermissionPolicy(db, feature_defaults=defaults or {}, model_default_allow=model_default, hub_roles=ROLES)
 
 
 # Each case: config (feature defaults, model default), the user's groups, grants (subject -> {target: allow},
@@ -256,7 +255,7 @@ def test_status_actions(db_url):
     db.upgrade()
     try:
         users = UserDirectory(db, cache_seconds=60, new_user_status="pending")
-        state = asyncio.run(users.get_or_create("carl"))
+        state = asyncio.run(users.seen_from_hub({"name": "carl"}))
         assert state.status == "pending"
         audit = {"actor": "root", "subject": "carl", "client_ip": None}
         with pytest.raises(Conflict):
@@ -277,5 +276,30 @@ def test_status_actions(db_url):
             ("user.disable", {"from": "active", "to": "disabled"}),
             ("user.enable", {"from": "disabled", "to": "active"}),
         ]
+    finally:
+        db.close()
+
+
+def test_grants_per_subject_are_bounded(db_url):
+    db = Database(db_url, threads=2)
+    db.upgrade()
+    try:
+        here = policy(db=db)
+        audit = {"actor": "root", "subject": "group:many", "client_ip": None}
+        too_many = {"models": {f"m{i}": True for i in range(MAX_GRANTS_PER_SUBJECT + 1)}}
+        with pytest.raises(BadRequest):
+            PermissionPolicy.parse_grants(too_many, partial=True)
+        with pytest.raises(BadRequest):
+            PermissionPolicy.parse_grants({"models": {"m" * 129: True}}, partial=True)
+        half = MAX_GRANTS_PER_SUBJECT // 2 + 1
+        for start in (0, half):  # two merges that each fit, together too many: refused, nothing written
+            changes = PermissionPolicy.parse_grants({"models": {f"m{i}": True for i in range(start, start + half)}},
+                                                    partial=True)
+            if start:
+                with pytest.raises(BadRequest):
+                    asyncio.run(here.set_grants("group", "many", changes, replace=False, audit=audit))
+            else:
+                asyncio.run(here.set_grants("group", "many", changes, replace=False, audit=audit))
+        assert len(here.grants("group", "many")["models"]) == half
     finally:
         db.close()

@@ -18,12 +18,17 @@ ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "hub_extension"]
 
 
+def clean_env() -> dict:
+    """This process's environment without the Hub's or the service's settings (and no config file)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JUPYTERHUB_", "INFERENCE_"))}
+    return {**env, "INFERENCE_CONFIG": ""}
+
+
 def serve(tmp_path, *args, env=None) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("JUPYTERHUB_", "INFERENCE_"))}
     proc = subprocess.Popen(
         CLI + ["serve", f"--port={port}", f"--db-url=sqlite:///{tmp_path / 'svc.sqlite'}", *args],
-        cwd=ROOT, env={**clean, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=ROOT, env={**clean_env(), **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -68,19 +73,18 @@ def test_mode_static_compares_configured_keys(tmp_path):
 @pytest.mark.parametrize(
     "args, env, message",
     [
-        (["--identity=sometimes"], {}, "identity_mode"),
+        (["--identity=sometimes"], {}, "'mode' trait of an IdentityProvider"),
         (["--identity=static"], {}, "static_keys"),
-        (["--InferenceService.hub_token_cache_seconds=0"], {"INFERENCE_API_KEYS": "k"}, "hub_token_cache_seconds"),
+        (["--IdentityProvider.hub_token_cache_seconds=0"], {"INFERENCE_API_KEYS": "k"}, "hub_token_cache_seconds"),
         (["--identity=none", "--ip=0.0.0.0"], {}, "allow_remote_none"),
         (["--identity=none", "--models=/nonexistent/models.yaml"], {}, "models.yaml"),
-        (["--InferenceService.feature_defaults={'teleport': True}"], {}, "teleport"),
+        (["--PermissionPolicy.feature_defaults={'teleport': True}"], {}, "teleport"),
     ],
 )
 def test_bad_configuration_stops_the_start(tmp_path, args, env, message):
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("JUPYTERHUB_", "INFERENCE_"))}
     r = subprocess.run(
         CLI + ["serve", f"--port={free_port()}", f"--db-url=sqlite:///{tmp_path / 'x.sqlite'}", *args],
-        cwd=ROOT, env={**clean, **env}, capture_output=True, text=True, timeout=60,
+        cwd=ROOT, env={**clean_env(), **env}, capture_output=True, text=True, timeout=60,
     )
     assert r.returncode != 0
     assert message in r.stdout + r.stderr
@@ -95,10 +99,14 @@ def test_stops_on_signals_and_flushes(tmp_path, sig):
     assert time.monotonic() - t0 < 30  # a generous bound: a hung service would hit communicate()'s timeout
 
 
-def test_cli_keys_and_users(db_url, tmp_path):
+def test_cli_keys_and_users(db_url, capsys):
+    """The key commands in this process (`cli.run`: the same code path as the console script)."""
+    from hub_extension.cli import run
+
     def cli(*args):
-        r = subprocess.run(CLI + ["--db-url", db_url, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
-        return r.returncode, r.stdout, r.stderr
+        code = run([*args, "--db-url", db_url])
+        out = capsys.readouterr()
+        return code, out.out, out.err
 
     assert cli("db", "upgrade")[0] == 0
     code, _, err = cli("keys", "list", "--user", "ghost")
@@ -108,12 +116,12 @@ def test_cli_keys_and_users(db_url, tmp_path):
     from hub_extension.users import UserDirectory
 
     db = Database(db_url)
-    db.call(lambda s: UserDirectory(db)._upsert(s, "alice", False, (), None))
+    db.call(lambda s: UserDirectory(db)._upsert(s, {"name": "alice"}))
     db.close()
     code, secret, _ = cli("keys", "create", "--user", "alice", "--name", "ci", "--expires-in-days", "7", "--features", "chat")
     secret = secret.strip()
     assert code == 0 and secret.startswith("jhi_")
-    code, out, _ = cli("--json", "keys", "list", "--user", "alice")
+    code, out, _ = cli("keys", "list", "--user", "alice", "--json")
     listed = json.loads(out)
     assert [k["name"] for k in listed] == ["ci"] and listed[0]["features"] == ["chat"] and secret not in out
     assert listed[0]["created_by"].startswith("cli:")
@@ -147,3 +155,62 @@ def test_redaction_filter():
 
     key = key_format.generate()
     assert key not in logs.redact(f"oops {key} leaked") and key[:12] in logs.redact(key)
+
+
+def test_cli_finds_the_service_database_or_says_why_not(tmp_path):
+    """Run anywhere, a command opens the database the service's config file names, or fails saying which is
+    missing; it never creates one (only `db upgrade` does)."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**clean_env(), "INFERENCE_CONFIG": ""}
+    r = subprocess.run(CLI + ["users", "list"], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "no database at 'inference.sqlite'" in r.stderr and "db upgrade" in r.stderr
+    assert list(elsewhere.iterdir()) == []  # nothing created
+
+    db_path = tmp_path / "state" / "service.sqlite"
+    config = tmp_path / "jupyterhub_inference_config.py"
+    config.write_text(f"c.InferenceService.db_url = 'sqlite:///{db_path}'\n")
+    env["INFERENCE_CONFIG"] = str(config)
+    r = subprocess.run(CLI + ["users", "list"], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and str(db_path) in r.stderr
+    db_path.parent.mkdir()
+    assert subprocess.run(CLI + ["db", "upgrade"], cwd=elsewhere, env=env, timeout=60).returncode == 0
+    from hub_extension.db import Database
+    from hub_extension.users import UserDirectory
+
+    db = Database(f"sqlite:///{db_path}")
+    db.call(lambda s: UserDirectory(db)._upsert(s, {"name": "carmen"}))
+    db.close()
+    r = subprocess.run(CLI + ["users", "list"], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "carmen" in r.stdout, r.stderr
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_cli_and_help_do_not_load_the_engine(tmp_path):
+    """`--help` and the admin commands start without torch or transformers (the fast start the CLI needs)."""
+    for args in (["--help"], ["users", "list", f"--db-url=sqlite:///{tmp_path / 'none.sqlite'}"]):
+        r = subprocess.run([sys.executable, "-X", "importtime", "-m", "hub_extension", *args], cwd=tmp_path,
+                           env=clean_env(), capture_output=True, text=True, timeout=60)
+        imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+        assert imported and not {m for m in imported if m.split(".")[0] in ("torch", "transformers")}, args
+
+
+def test_help_all_groups_settings_by_component():
+    r = subprocess.run(CLI + ["--help-all"], env=clean_env(), capture_output=True, text=True, timeout=60)
+    for section in ("InferenceService(Application)", "IdentityProvider(LoggingConfigurable)",
+                    "KeyManager(LoggingConfigurable)", "UserDirectory(LoggingConfigurable)",
+                    "PermissionPolicy(LoggingConfigurable)"):
+        assert f"{section} options" in r.stdout
+    assert "--KeyManager.max_keys_per_user" in r.stdout and "--UserDirectory.new_user_status" in r.stdout
+
+
+def test_cookie_secret_persists_across_restarts(tmp_path):
+    from hub_extension.app import InferenceService
+
+    path = tmp_path / "secret"
+    first = InferenceService(cookie_secret_file=str(path)).cookie_secret()
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert InferenceService(cookie_secret_file=str(path)).cookie_secret() == first and len(first) == 32
+    path.chmod(0o644)
+    with pytest.raises(ValueError, match="readable by others"):
+        InferenceService(cookie_secret_file=str(path)).cookie_secret()

@@ -6,6 +6,12 @@ still apply to forwarded requests.
 
 from __future__ import annotations
 
+import asyncio
+import http.client
+import json
+import time
+from urllib.parse import urlsplit
+
 import openai
 import pytest
 import requests
@@ -63,3 +69,43 @@ def test_permissions_apply_to_forwarded_models(hub, front):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="upstream-chat", messages=MESSAGES, max_tokens=2)
     assert client.embeddings.create(model="upstream-embed", input="still allowed").data
+
+
+def test_a_client_leaving_a_big_embedding_request_stops_it_and_others_are_served_meanwhile(hub, front):
+    """Through the Hub's proxy: a small request from another user is answered between the batches of a big
+    one, and when the big request's client hangs up, its remaining batches are never computed."""
+    instance, _, client = front
+    models = instance.app.services.models
+    backend = asyncio.run_coroutine_threadsafe(models.get("minilm"), instance.app._loop).result(60)
+    batches = [0]
+    hook = backend.model.register_forward_pre_hook(lambda m, a: batches.__setitem__(0, batches[0] + 1))
+    other = hub.api.user_token(hub.new_user("small"))
+    key = requests.post(instance.url + "api/keys", headers={"Authorization": f"Bearer {other}"}, json={"name": "k"})
+    small = openai.OpenAI(base_url=instance.url + "v1", api_key=key.json()["key"], max_retries=0, timeout=120)
+    texts = [f"{i}: " + "the quick brown fox jumps over the lazy dog " * 8 for i in range(2000)]  # 63 batches
+    url = urlsplit(instance.url + "v1/embeddings")
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=120)
+    try:
+        conn.request(
+            "POST", url.path, json.dumps({"model": "minilm", "input": texts}),
+            {"Authorization": f"Bearer {client.api_key}", "Content-Type": "application/json"},
+        )
+        wait_until(lambda: batches[0] >= 2)
+        assert len(small.embeddings.create(model="minilm", input="a cat").data) == 1
+        assert batches[0] < 63 and models.in_flight("minilm") >= 2000  # the big one is still running
+        conn.close()  # the big request's client hangs up
+        wait_until(lambda: models.in_flight("minilm") == 0)
+        left_at = batches[0]
+        assert len(small.embeddings.create(model="minilm", input="a dog").data) == 1
+        assert batches[0] - left_at <= 2, (left_at, batches[0])  # the batch running then, and ours
+    finally:
+        conn.close()
+        small.close()
+        hook.remove()
+
+
+def wait_until(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)

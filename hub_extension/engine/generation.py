@@ -4,20 +4,48 @@ A `TextBackend` does what the engine lacks (E4): it renders the chat template, b
 context, admits requests into a bounded queue (429 with Retry-After when full, never a blocked loop), fans
 `n` > 1 out into separate engine requests, detokenises incrementally and cuts at stop strings. Every
 request's results land in one `asyncio.Queue`, so a handler just iterates a `Generation`.
+
+Request work never runs on the event loop: a prompt longer than the context could ever hold (in characters)
+is refused before anything reads it, and templating and tokenising the rest run on a small thread pool.
+This module imports neither torch nor transformers; the runners that need them load with a model.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ..errors import ApiError, BadRequest, RateLimited
 from .registry import ModelSpec
-from .runners import Runner, TokenRequest
 from .textstream import IncrementalDetokenizer, StopMatcher
+
+if TYPE_CHECKING:
+    from .runners import Runner
+
+OnTokens = Callable[[list[int], bool, "str | None"], None]
+
+
+@dataclass
+class TokenRequest:
+    """One choice as a runner sees it: token ids in, `on_tokens(new_ids, finished, error)` on the loop."""
+
+    input_ids: list[int]
+    max_new_tokens: int
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    on_tokens: OnTokens | None = None
+    request_id: str = ""
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
 
 
 class EngineError(ApiError):
@@ -154,7 +182,14 @@ class TextBackend:
     kind = "local"
 
     def __init__(
-        self, spec: ModelSpec, model, tokenizer, runner: Runner, context_length: int, eos_token_ids: list[int]
+        self,
+        spec: ModelSpec,
+        model,
+        tokenizer,
+        runner: Runner,
+        context_length: int,
+        eos_token_ids: list[int],
+        chars_per_token: int | None = None,
     ):
         self.spec = spec
         self.name = spec.name
@@ -165,17 +200,23 @@ class TextBackend:
         self.context_length = context_length
         self.eos_token_ids = set(eos_token_ids)
         self.capacity = spec.max_concurrency + spec.max_queue
+        # No text longer than this can fit: each token covers at most `chars_per_token` characters of it.
+        self.max_prompt_chars = context_length * chars_per_token if chars_per_token else None
+        self._preparing = 0  # requests admitted and still being templated or tokenised
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"tokenize-{spec.name}")
 
     # -- what the handlers and the manager ask -------------------------------------------------
 
     def in_flight(self) -> int:
-        return self.runner.in_flight()
+        """Requests admitted and not yet finished: being tokenised, queued or decoding."""
+        return self.runner.in_flight() + self._preparing
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def chat_prompt_ids(self, messages: Sequence[dict[str, Any]]) -> list[int]:
-        """Render the model's chat template; a template that rejects the messages is the caller's 400."""
+        """Render the model's chat template; a template that rejects the messages is the caller's 400.
+        Blocking (run it on the pool)."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise BadRequest(
                 f"The model '{self.name}' has no chat template; use /v1/completions.", param="model"
@@ -188,24 +229,81 @@ class TextBackend:
             raise BadRequest(
                 f"The messages do not fit the model's chat template: {e}", param="messages"
             ) from None
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        self._check_length(text, "messages")
+        return self._tokenize(text, special=False)
 
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        """A completion prompt as ids, validated. Blocking (run it on the pool)."""
         if isinstance(prompt, str):
-            return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            self._check_length(prompt, "prompt")
+            return self._tokenize(prompt, special=True)
         vocab = len(self.tokenizer)
         if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 or t >= vocab for t in prompt):
             raise BadRequest(f"Token ids in `prompt` must be integers in [0, {vocab}).", param="prompt")
         return list(prompt)
 
     async def chat(self, messages: Sequence[dict[str, Any]], params: SamplingParams) -> Generation:
-        return self.start([self.chat_prompt_ids(messages)], params, param="messages")
+        ids = await self._prepare(1, params, "messages", lambda: [self.chat_prompt_ids(messages)])
+        return self.start(ids, params, param="messages")
 
     async def complete(self, prompts: Sequence[str | list[int]], params: SamplingParams) -> Generation:
         """Choice `i * n + j` is the j-th sample of prompt i, as OpenAI numbers them."""
-        return self.start([self.prompt_ids(p) for p in prompts], params, param="prompt")
+        for p in prompts:  # O(1) each: what can never fit is refused before the pool sees it
+            if isinstance(p, str):
+                self._check_length(p, "prompt")
+            elif len(p) >= self.context_length:
+                self._context_exceeded(f"{len(p)} tokens, which leaves no room for an answer", "prompt")
+        ids = await self._prepare(
+            len(prompts), params, "prompt", lambda: [self.prompt_ids(p) for p in prompts]
+        )
+        return self.start(ids, params, param="prompt")
 
     # -- the work ----------------------------------------------------------------------------------
+
+    def _tokenize(self, text: str, special: bool) -> list[int]:
+        """The one place text becomes token ids."""
+        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+
+    def _check_length(self, text: str, param: str) -> None:
+        if self.max_prompt_chars is not None and len(text) > self.max_prompt_chars:
+            self._context_exceeded(
+                f"{len(text)} characters, more than {self.context_length} tokens can hold", param
+            )
+
+    def _context_exceeded(self, detail: str, param: str) -> NoReturn:
+        raise BadRequest(
+            f"This model's maximum context length is {self.context_length} tokens; the prompt has {detail}.",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+    def _admit(self, prompts: int, params: SamplingParams, param: str) -> None:
+        """400 for what this model can never take at once, 429 (retry) for what it cannot take right now."""
+        total = prompts * params.n
+        if total > self.capacity:
+            raise BadRequest(
+                f"The model '{self.name}' takes at most {self.capacity} choices per request (prompts x n); "
+                f"this request asks for {total}.",
+                param="n" if params.n > 1 else param,
+                code="invalid_value",
+            )
+        if self.in_flight() + total > self.capacity:
+            raise RateLimited(
+                f"The model '{self.name}' is at capacity ({self.capacity} requests in flight or queued); retry shortly.",
+                retry_after=1.0,
+            )
+
+    async def _prepare(
+        self, prompts: int, params: SamplingParams, param: str, work: Callable[[], list]
+    ) -> list:
+        """Admit, then run `work` (templating, tokenising) on the pool, holding the request's place meanwhile."""
+        self._admit(prompts, params, param)
+        total = prompts * params.n
+        self._preparing += total
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, work)
+        finally:
+            self._preparing -= total
 
     def start(self, prompts: list[list[int]], params: SamplingParams, param: str = "prompt") -> Generation:
         """Validate, admit and submit; raises before anything is streamed, so errors keep their status code."""
@@ -215,20 +313,10 @@ class TextBackend:
                 raise BadRequest("The prompt is empty.", param=param)
             room = self.context_length - len(ids)
             if room <= 0:
-                raise BadRequest(
-                    f"This model's maximum context length is {self.context_length} tokens; the prompt has "
-                    f"{len(ids)} tokens, which leaves no room for an answer.",
-                    param=param,
-                    code="context_length_exceeded",
-                )
+                self._context_exceeded(f"{len(ids)} tokens, which leaves no room for an answer", param)
             wanted = params.max_tokens or self.spec.default_max_tokens or room
             budgets.append(min(wanted, room))
-        total = len(prompts) * params.n
-        if self.runner.in_flight() + total > self.capacity:
-            raise RateLimited(
-                f"The model '{self.name}' is at capacity ({self.capacity} requests in flight or queued); retry shortly.",
-                retry_after=1.0,
-            )
+        self._admit(len(prompts), params, param)
         gen = Generation(
             model=self.name,
             prompt_tokens=sum(len(p) for p in prompts),
@@ -261,4 +349,5 @@ class TextBackend:
         return gen
 
     def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
         self.runner.close()

@@ -6,6 +6,7 @@ Everything here is blocking (seconds to minutes); the `ModelManager` calls it th
 from __future__ import annotations
 
 import importlib.resources
+import json
 import logging
 import math
 import os
@@ -167,7 +168,68 @@ def load_text(spec: ModelSpec, build_dir: Path):
         )
     else:
         runner = GenerateRunner(model, spec.name, eos_token_ids=eos_ids, pad_token_id=pad)
-    return TextBackend(spec, model, tokenizer, runner, context_length, eos_ids)
+    return TextBackend(spec, model, tokenizer, runner, context_length, eos_ids, chars_per_token(tokenizer))
+
+
+# How many characters of input one character of the normalised text can stand for, by normaliser: NFC can
+# compose up to 4 code points into one (the longest canonical decomposition), NFKC up to 18; these never shrink.
+_NORMALIZER_SHRINK = {"NFD": 1, "NFKD": 1, "NFC": 4, "NFKC": 18, "Prepend": 1, "Lowercase": 1}
+# Pre-tokenisers that keep every character (Whitespace, BertPreTokenizer... drop spaces: no bound then).
+_KEEPING_PRE_TOKENIZERS = {"ByteLevel", "Metaspace", "Digits", "Split", "Punctuation", "UnicodeScripts"}
+
+
+def _shrink(normalizer: dict | None) -> int | None:
+    """The most input characters that end up as one character after `normalizer`; None if unbounded."""
+    if normalizer is None:
+        return 1
+    kind = normalizer["type"]
+    if kind == "Sequence":
+        factor = 1
+        for part in normalizer["normalizers"]:
+            if (f := _shrink(part)) is None:
+                return None
+            factor *= f
+        return factor
+    if kind == "Replace" and "String" in normalizer["pattern"] and normalizer["content"]:
+        return math.ceil(len(normalizer["pattern"]["String"]) / len(normalizer["content"]))
+    return _NORMALIZER_SHRINK.get(kind)
+
+
+def _keeps_characters(pre_tokenizer: dict | None) -> bool:
+    if pre_tokenizer is None:
+        return True
+    if pre_tokenizer["type"] == "Sequence":
+        return all(_keeps_characters(p) for p in pre_tokenizer["pretokenizers"])
+    removes = str(pre_tokenizer.get("behavior", "")).lower() == "removed"
+    return pre_tokenizer["type"] in _KEEPING_PRE_TOKENIZERS and not removes
+
+
+def chars_per_token(tokenizer) -> int | None:
+    """The most characters of input text one token can stand for, or None where no such bound exists.
+
+    Then a text longer than `context_length * chars_per_token` can never fit, and is refused without being
+    tokenised. The bound is the longest token in the vocabulary (its raw form, never shorter than its
+    decoded text), times what the normaliser can merge. It only exists when nothing in the pipeline swallows
+    text: a pre-tokeniser that drops whitespace, an unknown token standing for a whole word or run of
+    unknown characters, or an added token that strips the spaces around it all make it unbounded.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow (Python) tokenizer: nothing to inspect
+        return None
+    pipeline = json.loads(backend.to_str())
+    model = pipeline["model"]
+    if model["type"] == "BPE":
+        swallows = (
+            model.get("unk_token") is not None and model.get("fuse_unk") and not model.get("byte_fallback")
+        )
+    else:  # WordPiece and WordLevel map whole words to the unknown token; Unigram merges unknown runs
+        swallows = not (model["type"] == "Unigram" and model.get("byte_fallback"))
+    strips = any(t.get("lstrip") or t.get("rstrip") for t in pipeline.get("added_tokens") or [])
+    shrink = _shrink(pipeline.get("normalizer"))
+    if swallows or strips or shrink is None or not _keeps_characters(pipeline.get("pre_tokenizer")):
+        return None
+    longest = max(len(t) for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))) if t)
+    return longest * shrink
 
 
 def kv_bytes_per_token(text_config, dtype) -> int:

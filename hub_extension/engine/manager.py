@@ -7,6 +7,7 @@ other models' streams. The manager knows models only: who may use which is the h
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import time
@@ -76,8 +77,7 @@ class ModelManager:
         backends = [s.backend for s in self._slots.values() if s.backend is not None]
         for slot in self._slots.values():
             slot.backend = None
-        for backend in backends:
-            await _close_backend(backend)
+        await _close_backends(backends)
 
     # -- look-ups ----------------------------------------------------------------------------------
 
@@ -118,7 +118,8 @@ class ModelManager:
         return slot.backend
 
     def in_flight(self, name: str | None = None) -> int:
-        """Requests submitted and not yet finished or cancelled, for one model or all."""
+        """Work submitted and not yet finished or cancelled (sequences, requests or texts, as each backend
+        counts it), for one model or all."""
         slots = [self._slots[name]] if name is not None else list(self._slots.values())
         return sum(s.backend.in_flight() for s in slots if s.backend is not None)
 
@@ -151,12 +152,12 @@ class ModelManager:
         """Unload `name` now if nothing is in flight; True if it was unloaded."""
         slot = self._slots[name]
         async with slot.lock:
-            backend = slot.backend
-            if backend is None or backend.in_flight() > 0:
+            if slot.backend is None or slot.backend.in_flight() > 0:
                 return False
+            backends = [slot.backend]
             slot.backend = None
         log.info("unloading model %r", name)
-        await _close_backend(backend)
+        await _close_backends(backends)
         return True
 
     async def _reap_idle(self) -> None:
@@ -184,12 +185,15 @@ def _load(spec: ModelSpec, build_dir: Path):
     return loading.load_text(spec, build_dir)
 
 
-async def _close_backend(backend) -> None:
-    if hasattr(backend, "aclose"):
-        await backend.aclose()
-    else:
-        await asyncio.to_thread(backend.close)
-    # Free the weights now rather than at the next collection (matters for GPUs and big models).
-    import gc
-
-    gc.collect()
+async def _close_backends(backends: list) -> None:
+    """Close and drop every backend in `backends` (the list is emptied: the caller's last reference)."""
+    while backends:
+        backend = backends.pop()
+        if hasattr(backend, "aclose"):
+            await backend.aclose()
+        else:
+            await asyncio.to_thread(backend.close)
+        del backend
+    # Free the weights now rather than at the next collection (matters for GPUs and big models). A full
+    # collection of a process holding a model takes long enough to stall every stream: not on the loop.
+    await asyncio.to_thread(gc.collect)

@@ -2,46 +2,75 @@
 
 `ContinuousBatchingRunner` adapts transformers' `ContinuousBatchingManager` (pinned to transformers 5.24:
 the API moved in 5.17, 5.23 and 5.24); `GenerateRunner` is the plain `model.generate()` fallback for models
-the manager cannot serve, and also serves seeded sampling, which the manager only has process-wide.
+the manager cannot serve.
 
 Contract, for both: `submit()` is called on the event loop and never blocks it (our own admission control in
 the backend bounds the queue, so the manager's input queue never fills); results come back on the loop through
 `loop.call_soon_threadsafe` as `on_tokens(new_token_ids, finished, error)`; `cancel()` frees the slot.
+
+Seeded sampling: the manager samples the whole batch from the process-wide RNG, so a seed handed to it would
+be shared by everyone. A seeded request draws its own tokens instead: the token at position p is where a
+uniform number, a hash of (seed, p), falls in the cumulative distribution left after temperature and top-p.
+It is a per-request processor inside the batch (nothing pauses, nothing shares its state), both runners draw
+the same way, and the same seed gives the same tokens (up to the last bits of the logits, which can differ
+between batch shapes: OpenAI's `seed` is best-effort too).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
 import queue
 import secrets
 import threading
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
 
 import torch
+from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingLogitsProcessor
+
+from .generation import TokenRequest
 
 log = logging.getLogger("hub_extension.engine")
 
-OnTokens = Callable[[list[int], bool, "str | None"], None]
+
+def seeded_uniform(seed: int, position: int) -> float:
+    """A number in [0, 1) for the token at `position`; 24 bits, so float32 holds it exactly."""
+    digest = hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=3).digest()
+    return int.from_bytes(digest, "big") / 2**24
 
 
-@dataclass
-class TokenRequest:
-    input_ids: list[int]
-    max_new_tokens: int
-    temperature: float = 1.0  # 0 means greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    on_tokens: OnTokens | None = None
-    request_id: str = ""
-    cancelled: threading.Event = field(default_factory=threading.Event)
+def draw(scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Rows with `u >= 0`: every score -inf but the token where `u` falls in the softmax's cumulative sum.
+    Rows with `u < 0` pass unchanged. No data-dependent branch, so a captured accelerator graph replays it."""
+    cdf = scores.softmax(dim=-1).cumsum(dim=-1)
+    target = (u.clamp(min=0) * cdf[:, -1]).unsqueeze(-1)
+    token = torch.searchsorted(cdf, target, right=True).clamp(max=scores.size(-1) - 1)  # never a 0-prob token
+    drawn = torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
+    return torch.where((u >= 0).unsqueeze(-1), drawn, scores)
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
+
+class _SeededDraw(ContinuousBatchingLogitsProcessor):
+    """The manager's last per-request processor: rows of requests added with `seed=` draw their own token."""
+
+    supported_kwargs = {"seed": int}
+    ignored_kwargs = ()
+
+    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+        int32_tensor.copy_(torch.full_like(int32_tensor, -1.0, dtype=torch.float32).view(torch.int32))
+
+    def prepare_tensor_args(self, requests_with_new_token) -> torch.Tensor:
+        # `position_offset` already counts the tokens this step feeds: it is the position of the new token.
+        u = [
+            -1.0
+            if (seed := r.state.logit_processor_kwargs.get("seed")) is None
+            else seeded_uniform(seed, r.state.position_offset)
+            for r in requests_with_new_token
+        ]
+        return torch.tensor(u, dtype=torch.float32).view(torch.int32)
+
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        return draw(scores, tensor_arg[: scores.size(0)].view(torch.float32))
 
 
 class Runner:
@@ -85,7 +114,8 @@ class ContinuousBatchingRunner(Runner):
 
     Per-request sampling rides on the manager's per-request processors: every request passes explicit
     `temperature`, `top_k` and `top_p`. Greedy is `top_k=1`, which leaves one candidate, so the manager's
-    sampler returns the argmax (the same tokens as `generate(do_sample=False)`).
+    sampler returns the argmax (the same tokens as `generate(do_sample=False)`); a seeded request also
+    passes `seed`, and `_SeededDraw` leaves it one candidate of its own choosing.
     """
 
     def __init__(
@@ -129,31 +159,15 @@ class ContinuousBatchingRunner(Runner):
         self.manager = model.init_continuous_batching(
             generation_config=gen_config, continuous_batching_config=cb_config
         )
+        # Appended before `start()` builds the batch tensors, which hold one argument row per processor.
+        processors = self.manager.logit_processor
+        processors.logits_processor.append(_SeededDraw())
+        processors.tensors_required += 1
+        processors._retrieve_processors_kwargs()
         with torch.inference_mode():
             self.manager.start()
-        self._seeded = GenerateRunner(
-            model,
-            name + "/seeded",
-            exclusive=self.manager.pause,
-            eos_token_ids=eos_token_ids,
-            pad_token_id=pad_token_id,
-            hook=False,
-        )
 
     def submit(self, req: TokenRequest) -> str:
-        if req.seed is not None and not req.greedy:
-            # The manager seeds the whole process, not a request: a seeded sample runs alone, with its own generator.
-            outer = req.on_tokens
-
-            def on_seeded(new, finished, error):
-                if finished:
-                    self._finish(req.request_id)
-                outer(new, finished, error)
-
-            req.on_tokens = on_seeded
-            rid = self._seeded.submit(req)
-            self._inflight[rid] = req
-            return rid
         rid = req.request_id = f"{self.name}-{next(self._ids)}"
         seen = 0
 
@@ -170,11 +184,12 @@ class ContinuousBatchingRunner(Runner):
 
         self._inflight[rid] = req
         self.manager.register_result_handler(rid, on_output)
-        kwargs = (
-            {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
-            if req.greedy
-            else {"temperature": float(req.temperature), "top_k": self.vocab, "top_p": float(req.top_p)}
-        )
+        if req.greedy:
+            kwargs = {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
+        else:
+            kwargs = {"temperature": float(req.temperature), "top_k": self.vocab, "top_p": float(req.top_p)}
+            if req.seed is not None:
+                kwargs["seed"] = req.seed
         self.manager.add_request(
             list(req.input_ids), request_id=rid, max_new_tokens=req.max_new_tokens, streaming=True, **kwargs
         )
@@ -183,9 +198,6 @@ class ContinuousBatchingRunner(Runner):
     def cancel(self, request_id: str) -> None:
         req = self._inflight.pop(request_id, None)
         if req is None:
-            return
-        if request_id.startswith(self._seeded.name):
-            self._seeded.cancel(request_id)
             return
         self.manager.cancel_request(request_id)
         # The manager keeps the handler of a request that never finishes; drop it ourselves.
@@ -197,10 +209,9 @@ class ContinuousBatchingRunner(Runner):
         pending = self.manager.input_queue.qsize() + self.manager.cancel_queue.qsize()
         if bp is not None:
             pending += len(bp.scheduler.active_requests) + len(bp.scheduler.waiting_requests)
-        return pending + self._seeded.engine_pending()
+        return pending
 
     def close(self, timeout: float = 5.0) -> None:
-        self._seeded.close(timeout)
         if self.manager.is_running():
             self.manager.stop(block=True, timeout=timeout, hard_stop=True)
         self._hook.remove()
@@ -235,31 +246,15 @@ class _Cancelled:
         )
 
 
-class _SeededSampler:
-    """Temperature, top-p and a draw from the request's own generator; leaves only the drawn token.
+class _Draw:
+    """`generate`'s version of `_SeededDraw`, after transformers' own temperature and top-p warpers."""
 
-    Used with `do_sample=False`, so `generate` takes that token and the process-wide RNG is never touched.
-    """
-
-    def __init__(self, temperature: float, top_p: float, seed: int):
-        self.temperature = temperature
-        self.top_p = top_p
+    def __init__(self, seed: int):
         self.seed = seed
-        self.generator: torch.Generator | None = None
 
     def __call__(self, input_ids, scores):
-        if self.generator is None:
-            self.generator = torch.Generator(device=scores.device).manual_seed(self.seed)
-        logits = scores.float() / self.temperature
-        if self.top_p < 1.0:
-            sorted_logits, idx = torch.sort(logits, descending=False, dim=-1)
-            cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-            remove = cum <= (1 - self.top_p)
-            remove[..., -1:] = False
-            logits = logits.masked_fill(remove.scatter(-1, idx, remove), float("-inf"))
-        token = torch.multinomial(logits.softmax(dim=-1), 1, generator=self.generator)
-        out = torch.full_like(scores, float("-inf"))
-        return out.scatter_(1, token, 0.0)
+        u = torch.full((scores.size(0),), seeded_uniform(self.seed, input_ids.shape[1]), device=scores.device)
+        return draw(scores.float(), u)
 
 
 class GenerateRunner(Runner):
@@ -272,18 +267,10 @@ class GenerateRunner(Runner):
         *,
         eos_token_ids: list[int],
         pad_token_id: int | None,
-        exclusive: Callable[[], AbstractContextManager] | None = None,
-        hook: bool = True,
     ):
-        if hook:
-            super().__init__(model, name)
-        else:  # shares the step_threads of the runner that owns it
-            self.model, self.name, self._ids, self._inflight = model, name, itertools.count(), {}
-            self.step_threads = set()
-            self._hook = None
+        super().__init__(model, name)
         self.eos_token_ids = eos_token_ids
         self.pad_token_id = pad_token_id if pad_token_id is not None else eos_token_ids[0]
-        self.exclusive = exclusive or nullcontext
         self.loop: asyncio.AbstractEventLoop | None = None
         self.jobs: queue.Queue[TokenRequest | None] = queue.Queue()
         self.thread = threading.Thread(target=self._work, name=f"generate-{name}", daemon=True)
@@ -329,28 +316,35 @@ class GenerateRunner(Runner):
 
     @torch.inference_mode()
     def _generate(self, req: TokenRequest) -> None:
-        from transformers import LogitsProcessorList, StoppingCriteriaList
+        from transformers import (
+            LogitsProcessorList,
+            StoppingCriteriaList,
+            TemperatureLogitsWarper,
+            TopPLogitsWarper,
+        )
 
         ids = torch.tensor([req.input_ids], device=self.model.device)
         processors = LogitsProcessorList()
-        if not req.greedy:
+        if not req.greedy:  # do_sample stays off: the drawn token is the only candidate left
             seed = req.seed if req.seed is not None else secrets.randbits(63)
-            processors.append(_SeededSampler(req.temperature, req.top_p, seed))
-        with self.exclusive():
-            self.model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=req.max_new_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                eos_token_id=self.eos_token_ids,
-                pad_token_id=self.pad_token_id,
-                logits_processor=processors,
-                stopping_criteria=StoppingCriteriaList([_Cancelled(req.cancelled)]),
-                streamer=_Streamer(self.loop, req),
+            processors.extend(
+                [TemperatureLogitsWarper(float(req.temperature)), TopPLogitsWarper(float(req.top_p))]
             )
+            processors.append(_Draw(seed))
+        self.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=req.max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            eos_token_id=self.eos_token_ids,
+            pad_token_id=self.pad_token_id,
+            logits_processor=processors,
+            stopping_criteria=StoppingCriteriaList([_Cancelled(req.cancelled)]),
+            streamer=_Streamer(self.loop, req),
+        )
 
     def close(self, timeout: float = 5.0) -> None:
         for req in list(self._inflight.values()):
@@ -358,5 +352,4 @@ class GenerateRunner(Runner):
         self._inflight.clear()
         self.jobs.put(None)
         self.thread.join(timeout)
-        if self._hook is not None:
-            self._hook.remove()
+        self._hook.remove()

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import ApiError, BadRequest, RateLimited, ServiceUnavailable
 from .embeddings import EmbeddingResult
-from .generation import Delta, EngineError, SamplingParams
+from .generation import Delta, SamplingParams
 from .registry import ModelSpec
 
 log = logging.getLogger("hub_extension.engine")
@@ -33,7 +33,10 @@ class UpstreamError(ApiError):
 
 
 class UpstreamGeneration:
-    """Same surface as `generation.Generation`: iterate for `Delta`s, `cancel()`, token counts at the end."""
+    """Same surface as `generation.Generation`: iterate for `Delta`s, `cancel()`, token counts at the end.
+
+    Holds one of the backend's slots from the moment the upstream answered until the stream ends, fails or is
+    cancelled, and gives it back exactly once."""
 
     def __init__(self, backend: UpstreamBackend, response: httpx.Response, choices: int, field: str):
         self._backend = backend
@@ -42,59 +45,81 @@ class UpstreamGeneration:
         self.finish_reasons: list[str | None] = [None] * choices
         self.prompt_tokens = 0
         self.completion_tokens = 0
-        self._done = False
+        self._open = True
 
     async def __aiter__(self) -> AsyncIterator[Delta]:
+        status = self._response.status_code
         try:
             async for line in self._response.aiter_lines():
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    err = chunk["error"] or {}
-                    raise EngineError(f"Upstream error: {err.get('message', err)}")
-                if chunk.get("usage"):
-                    self.prompt_tokens = int(chunk["usage"].get("prompt_tokens") or 0)
-                    self.completion_tokens = int(chunk["usage"].get("completion_tokens") or 0)
-                for choice in chunk.get("choices") or []:
-                    index = int(choice.get("index", 0))
-                    if self._field == "delta":
-                        text = (choice.get("delta") or {}).get("content") or ""
-                    else:
-                        text = choice.get("text") or ""
-                    reason = choice.get("finish_reason")
-                    if index < len(self.finish_reasons) and reason:
-                        self.finish_reasons[index] = reason
-                    if text or reason:
-                        yield Delta(index, text, reason)
-        except httpx.HTTPError as e:
-            raise EngineError(f"Upstream connection failed mid-stream: {type(e).__name__}") from None
+                    return
+                for delta in self._deltas(data):
+                    yield delta
+            if self._open:  # the stream ended without our own cancel() closing it
+                raise self._backend._fault(status, "an event stream that ended before [DONE]")
+        except (httpx.HTTPError, httpx.StreamError) as e:
+            if self._open:
+                raise self._backend._fault(status, f"an event stream cut off ({type(e).__name__})") from None
         finally:
-            self._close()
+            self._release()
             await self._response.aclose()
+
+    def _deltas(self, data: str) -> list[Delta]:
+        """One `data:` event's deltas; an event that is not a completion chunk is the upstream's fault."""
+        try:
+            chunk = json.loads(data)
+            if chunk.get("error"):
+                err = chunk["error"]
+                message = err.get("message", err) if isinstance(err, dict) else err
+                raise UpstreamError(f"The upstream for '{self._backend.name}' failed mid-stream: {message}")
+            if chunk.get("usage"):
+                self.prompt_tokens = int(chunk["usage"].get("prompt_tokens") or 0)
+                self.completion_tokens = int(chunk["usage"].get("completion_tokens") or 0)
+            deltas = []
+            for choice in chunk.get("choices") or []:
+                index = int(choice.get("index", 0))
+                if self._field == "delta":
+                    text = (choice.get("delta") or {}).get("content") or ""
+                else:
+                    text = choice.get("text") or ""
+                reason = choice.get("finish_reason")
+                if 0 <= index < len(self.finish_reasons) and reason:
+                    self.finish_reasons[index] = reason
+                if text or reason:
+                    deltas.append(Delta(index, text, reason))
+            return deltas
+        except (ValueError, TypeError, AttributeError, KeyError):
+            raise self._backend._fault(
+                self._response.status_code, "an event that is not a completion chunk", data
+            ) from None
 
     async def collect(self) -> list[str]:
         texts = [""] * len(self.finish_reasons)
         async for delta in self:
-            if delta.index < len(texts):
+            if 0 <= delta.index < len(texts):
                 texts[delta.index] += delta.text
         return texts
 
     def cancel(self) -> None:
-        if not self._done:
-            self._close()
-            asyncio.ensure_future(self._response.aclose())
+        """The caller left: give the slot back now and close the stream, which stops the upstream's work."""
+        if self._open:
+            self._release()
+            self._backend._close_soon(self._response)
 
-    def _close(self) -> None:
-        if not self._done:
-            self._done = True
-            self._backend._inflight -= 1
+    def _release(self) -> None:
+        if self._open:
+            self._open = False
+            self._backend._release()
 
 
 class UpstreamBackend:
+    """`capacity` (max_concurrency + max_queue) counts requests open to the upstream, whatever their `n` or
+    number of inputs: a slot is taken before the first await and given back once the answer is read, the
+    stream ends, fails or is cancelled."""
+
     kind = "upstream"
 
     def __init__(self, spec: ModelSpec):
@@ -111,8 +136,10 @@ class UpstreamBackend:
             base_url=up.base_url + "/", headers=headers, timeout=httpx.Timeout(up.timeout, connect=10.0)
         )
         self._inflight = 0
+        self._closing: set[asyncio.Task] = set()  # streams cancel() is closing, kept until closed
 
     def in_flight(self) -> int:
+        """Requests open to the upstream."""
         return self._inflight
 
     def _body(self, params: SamplingParams) -> dict:
@@ -141,34 +168,62 @@ class UpstreamBackend:
         return await self._start("completions", body, len(prompts) * params.n, "text")
 
     async def embed(self, texts: list[str]) -> EmbeddingResult:
-        self._admit(1)
-        self._inflight += 1
+        self._reserve()
         try:
-            response = await self.client.post(
-                "embeddings",
-                json={"model": self.remote_model, "input": list(texts), "encoding_format": "float"},
+            response = await self._send(
+                "embeddings", {"model": self.remote_model, "input": list(texts), "encoding_format": "float"}
             )
-            if response.status_code >= 400:
-                raise self._error(response.status_code, response.content, response.headers)
-            data = response.json()
-        except httpx.HTTPError as e:
-            raise ServiceUnavailable(
-                f"The upstream for '{self.name}' is unreachable ({type(e).__name__}).", retry_after=5
-            ) from None
+            try:
+                content = await response.aread()
+            except httpx.HTTPError as e:
+                raise self._fault(response.status_code, f"a body cut off ({type(e).__name__})") from None
+            finally:
+                await response.aclose()
         finally:
-            self._inflight -= 1
-        rows = sorted(data["data"], key=lambda d: d["index"])
-        vectors = np.asarray([r["embedding"] for r in rows], dtype=np.float32)
-        return EmbeddingResult(
-            vectors=vectors, prompt_tokens=int((data.get("usage") or {}).get("prompt_tokens", 0))
-        )
+            self._release()
+        try:
+            data = json.loads(content)
+            rows = sorted(data["data"], key=lambda d: d["index"])
+            vectors = np.asarray([r["embedding"] for r in rows], dtype=np.float32)
+            prompt_tokens = int((data.get("usage") or {}).get("prompt_tokens") or 0)
+        except (ValueError, TypeError, AttributeError, KeyError):
+            raise self._fault(
+                response.status_code, "a body that is not a list of embeddings", content
+            ) from None
+        if vectors.ndim != 2 or len(vectors) != len(texts):
+            raise self._fault(response.status_code, f"{len(vectors)} embeddings for {len(texts)} inputs")
+        return EmbeddingResult(vectors=vectors, prompt_tokens=prompt_tokens)
 
-    def _admit(self, n: int) -> None:
-        if self._inflight + n > self.capacity:
-            raise RateLimited(f"The model '{self.name}' is at capacity; retry shortly.", retry_after=1.0)
+    # -- slots and the HTTP exchange -------------------------------------------------------------
+
+    def _reserve(self) -> None:
+        if self._inflight >= self.capacity:
+            raise RateLimited(
+                f"The model '{self.name}' is at capacity ({self.capacity} requests in flight); retry shortly.",
+                retry_after=1.0,
+            )
+        self._inflight += 1
+
+    def _release(self) -> None:
+        self._inflight -= 1
 
     async def _start(self, path: str, body: dict, choices: int, field: str) -> UpstreamGeneration:
-        self._admit(choices)
+        self._reserve()
+        try:
+            response = await self._send(path, body)
+            content_type = response.headers.get("content-type", "")
+            if "text/event-stream" not in content_type:
+                await response.aclose()
+                raise self._fault(
+                    response.status_code, f"{content_type or 'no content type'}, not an event stream"
+                )
+        except BaseException:  # cancelled included: the slot is only kept with a stream to read
+            self._release()
+            raise
+        return UpstreamGeneration(self, response, choices, field)
+
+    async def _send(self, path: str, body: dict) -> httpx.Response:
+        """POST `body`; the response once its status (below 400) is in, its body still to read."""
         request = self.client.build_request("POST", path, json=body)
         try:
             response = await self.client.send(request, stream=True)
@@ -176,34 +231,52 @@ class UpstreamBackend:
             raise ServiceUnavailable(
                 f"The upstream for '{self.name}' is unreachable ({type(e).__name__}).", retry_after=5
             ) from None
-        if response.status_code >= 400:
+        if response.status_code < 400:
+            return response
+        try:
             content = await response.aread()
+        except httpx.HTTPError:
+            content = b""  # the status says enough
+        finally:
             await response.aclose()
-            raise self._error(response.status_code, content, response.headers)
-        self._inflight += 1
-        return UpstreamGeneration(self, response, choices, field)
+        raise self._error(response.status_code, content, response.headers)
 
     def _error(self, status: int, content: bytes, headers) -> ApiError:
         try:
             err = json.loads(content).get("error") or {}
         except (ValueError, AttributeError):
             err = {}
-        message = err.get("message") if isinstance(err, dict) else None
+        if not isinstance(err, dict):
+            err = {"message": str(err)}
+        message = err.get("message")
         if status in (400, 413, 422):
-            return BadRequest(
-                message or "The upstream refused the request.",
-                param=err.get("param") if isinstance(err, dict) else None,
-            )
+            return BadRequest(message or "The upstream refused the request.", param=err.get("param"))
         if status == 429:
             try:
                 retry = float(headers.get("retry-after", "1"))
             except ValueError:
                 retry = 1.0
             return RateLimited(message or "The upstream is busy.", retry_after=retry)
+        what = "an error" if message else "an answer that is not an OpenAI error"
+        return self._fault(status, what, detail=message or content)
+
+    def _fault(self, status: int, what: str, detail: str | bytes = "") -> UpstreamError:
+        """The upstream's (or our configuration's) fault: a 502 naming its status, the details in our log."""
         log.warning(
-            "upstream %s for model %r answered %d: %s", self.client.base_url, self.name, status, message
+            "upstream %s for model %r answered %d with %s: %r",
+            self.client.base_url,
+            self.name,
+            status,
+            what,
+            detail[:200],
         )
-        return UpstreamError(f"The upstream for '{self.name}' failed ({status}).")
+        return UpstreamError(f"The upstream for '{self.name}' answered HTTP {status} with {what}.")
+
+    def _close_soon(self, response: httpx.Response) -> None:
+        task = asyncio.ensure_future(response.aclose())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def aclose(self) -> None:
+        await asyncio.gather(*self._closing, return_exceptions=True)
         await self.client.aclose()

@@ -23,7 +23,7 @@ class KeyOwnerMixin:
             "actor": actor,
             "acting_as": identity.name if identity.acting_admin else None,
             "subject": subject,
-            "client_ip": self.request.remote_ip,
+            "client_ip": self.client_ip,
         }
 
     def own_user_id(self) -> int:
@@ -37,11 +37,10 @@ class KeyOwnerMixin:
 class MeHandler(APIHandler):
     async def get(self) -> None:
         model = self.identity.model()
-        if self.identity.user_id is not None:
-            state = await self.services.users.by_id(self.identity.user_id)
-            model["status"] = state.status
-        else:
-            model["status"] = "active"
+        # No row: no user identity (modes none/static), or a Hub user viewed-as before their first visit (id 0),
+        # who is active or the view-as would have been refused.
+        state = await self.services.users.by_id(self.identity.user_id) if self.identity.user_id else None
+        model["status"] = state.status if state is not None else "active"
         self.write_json(model)
 
 
@@ -89,7 +88,7 @@ class KeyHandler(KeyOwnerMixin, APIHandler):
 
 
 def _key_id(raw: str) -> int:
-    if not raw.isdigit() or len(raw) > 18:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
         raise NotFound("No such key.")
     return int(raw)
 

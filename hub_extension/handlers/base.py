@@ -15,8 +15,10 @@ from typing import Any
 from tornado import web
 
 from ..administration import ACT_AS_HEADER
-from ..errors import ApiError, BadRequest, Forbidden, NotFound, PayloadTooLarge, Unauthorized
+from ..errors import ApiError, Forbidden, NotFound, PayloadTooLarge, Unauthorized
 from ..identity import Identity
+from ..json_body import parse_object
+from ..net import client_ip
 
 log = logging.getLogger("hub_extension.http")
 
@@ -43,6 +45,13 @@ class APIHandler(web.RequestHandler):
     def services(self):
         return self.settings["services"]
 
+    @property
+    def client_ip(self) -> str:
+        """The caller's address: forwarding headers count only from a trusted proxy (`net.client_ip`)."""
+        return client_ip(
+            self.request.remote_ip, self.request.headers.get("X-Forwarded-For"), self.services.trusted_proxies
+        )
+
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.set_header("Cache-Control", "no-store")
@@ -60,18 +69,14 @@ class APIHandler(web.RequestHandler):
             raise Unauthorized("Credentials in the URL are refused; send them in the Authorization header.")
         if self.auth is Auth.PUBLIC:
             return
-        authenticator = self.services.authenticator
-        if authenticator is None:  # mode `none`: no authentication on the request path at all
-            self.identity = Identity.anonymous()
-        else:
-            self.identity = await authenticator.authenticate(self)
-            # Only now that we know the credential kind can the XSRF rule be applied.
-            if self.request.method not in ("GET", "HEAD", "OPTIONS"):
-                self.check_xsrf_cookie()
+        self.identity = await self.services.identity.authenticate(self)
+        # Only now that we know the credential kind can the XSRF rule be applied.
+        if self.request.method not in ("GET", "HEAD", "OPTIONS"):
+            self.check_xsrf_cookie()
         act_as = self.request.headers.get(ACT_AS_HEADER)
         if act_as is not None:  # view as user (D4): from here on the request runs as that user, never more
             self.identity = await self.services.admin.act_as(
-                self.identity, act_as.strip(), audit_log=self.services.audit, client_ip=self.request.remote_ip,
+                self.identity, act_as.strip(), audit_log=self.services.audit, client_ip=self.client_ip,
                 method=self.request.method, path=self.request.path,
             )
         if self.auth is Auth.ADMIN and not self.identity.is_admin:
@@ -87,19 +92,10 @@ class APIHandler(web.RequestHandler):
             self._body_parts = []
 
     def get_json_body(self) -> dict[str, Any]:
-        """The request body as a JSON object; 413 past the limit, 400 for anything else."""
+        """The request body as a JSON object; 413 past the limit, 400 for anything else (`json_body`)."""
         if self._body_size > self.services.max_body_bytes:
             raise PayloadTooLarge(f"Request body is larger than {self.services.max_body_bytes} bytes.")
-        body = b"".join(self._body_parts)
-        if not body:
-            raise BadRequest("A JSON object is required in the request body.")
-        try:
-            value = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise BadRequest(f"The request body is not valid JSON: {e}") from None
-        if not isinstance(value, dict):
-            raise BadRequest("The request body must be a JSON object.")
-        return value
+        return parse_object(b"".join(self._body_parts))
 
     def write_json(self, value: Any, status: int = 200) -> None:
         self.set_status(status)

@@ -8,23 +8,57 @@ with the Hub's XSRF token, so there is one way to do each thing.
 from __future__ import annotations
 
 from jupyterhub.services.auth import HubOAuthCallbackHandler, HubOAuthenticated
+from jupyterhub.utils import get_browser_protocol
 from tornado import web
 
-from ..orm import UserStatus
+from ..errors import ApiError, Unauthorized
+
+# The page's own script and styles only, and no framing by any site (clickjacking).
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; style-src 'unsafe-inline' 'self'; script-src 'unsafe-inline' 'self'; frame-ancestors 'none'"
+)
+# The Hub OAuth cookie and its state cookie: Lax, since the Hub's redirects back to `/oauth_callback` and then to
+# the page are top-level navigations. HubOAuth already makes both HttpOnly, and Secure when the browser is on https.
+OAUTH_COOKIE_OPTIONS = {"samesite": "Lax"}
+# `_xsrf`: only the page's own same-origin requests need it, and its script gets the token in the page, not
+# from the cookie.
+XSRF_COOKIE_OPTIONS = {"samesite": "Strict", "httponly": True}
 
 
-class _AppHubAuth:
-    """Use this app's HubOAuth (JupyterHub's mixins default to a process-wide singleton)."""
+def configure_hub_auth(hub_auth) -> None:
+    """Attributes of the cookies HubOAuth sets (options given by the Hub, $JUPYTERHUB_COOKIE_OPTIONS, win)."""
+    hub_auth.cookie_options = {**OAUTH_COOKIE_OPTIONS, **hub_auth.cookie_options}
+
+
+def tornado_settings() -> dict:
+    """Settings for the tornado Application: the attributes of the `_xsrf` cookie, wherever it is set."""
+    return {"xsrf_cookie_kwargs": dict(XSRF_COOKIE_OPTIONS)}
+
+
+class _Page:
+    """What both page handlers share: this app's HubOAuth, anti-framing headers, Secure cookies on https."""
 
     def initialize(self) -> None:
+        # JupyterHub's mixins default to a process-wide HubOAuth singleton; use this app's.
         self.hub_auth = self.settings["hub_auth"]
 
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+        self.set_header("X-Frame-Options", "DENY")
 
-class OAuthCallbackHandler(_AppHubAuth, HubOAuthCallbackHandler):
+    def set_cookie(self, name, value, *args, **kwargs) -> None:
+        """Secure when the browser reached the Hub over https, by JupyterHub's test of that (HubOAuth applies
+        it to its own cookies, not to `_xsrf`, whose settings are fixed at start)."""
+        if get_browser_protocol(self.request) == "https":
+            kwargs["secure"] = True
+        super().set_cookie(name, value, *args, **kwargs)
+
+
+class OAuthCallbackHandler(_Page, HubOAuthCallbackHandler):
     """Where the Hub sends the browser back after login (public by nature: it completes the login)."""
 
 
-class AccountPageHandler(_AppHubAuth, HubOAuthenticated, web.RequestHandler):
+class AccountPageHandler(_Page, HubOAuthenticated, web.RequestHandler):
     async def prepare(self) -> None:
         if self.request.query_arguments.keys() & {"token", "api_key"}:
             raise web.HTTPError(401, "Credentials in the URL are refused.")
@@ -32,20 +66,19 @@ class AccountPageHandler(_AppHubAuth, HubOAuthenticated, web.RequestHandler):
         if not self._hub_user:
             self.redirect(self.get_login_url())
             return
-        access = self.hub_auth.access_scopes
-        if access and not self.hub_auth.check_scopes(access, self._hub_user):
-            raise web.HTTPError(403, "Your Hub account has no access to the inference service.")
-        state = await self.settings["services"].users.seen_from_hub(self._hub_user)
-        if not state.in_hub or state.status != UserStatus.ACTIVE:
-            reason = "blocked" if not state.in_hub else state.status
-            raise web.HTTPError(403, f"Your account is {reason}; ask an administrator.")
+        # The same check as every API request: the identity provider decides who may use the service.
+        try:
+            await self.settings["services"].identity.hub_identity(self._hub_user, via="hub_cookie")
+        except Unauthorized:  # the Hub no longer has this user, or blocks them
+            raise web.HTTPError(403, "Your account is blocked; ask an administrator.") from None
+        except ApiError as e:  # disabled, awaiting approval, or a Hub login without access to this service
+            raise web.HTTPError(403, e.message) from None
 
     def get_current_user(self):
         return getattr(self, "_hub_user", None)
 
     def get(self) -> None:
         self.set_header("Cache-Control", "no-store")
-        self.set_header("Content-Security-Policy", "default-src 'self'; style-src 'unsafe-inline' 'self'; script-src 'unsafe-inline' 'self'")
         self.render(
             "account.html",
             user=self._hub_user["name"],
