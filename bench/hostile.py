@@ -5,8 +5,9 @@
 Serves the demo-sized random Llama (built or reused as bench/engine.py does) and MiniLM in this process
 (identity mode `none`), then, back to back in one run:
 (1) N greedy streams of T tokens through HTTP + the openai SDK, alone;
-(2) the same N streams while one 7 MiB chat prompt, one 5,000-input embedding request and one seeded
-    sampling request (256 tokens) arrive alongside them, and another client polls GET /health every 50 ms;
+(2) the same N streams while one 7 MiB chat prompt, one 5,000-input embedding request (refused: over the
+    2,048-input cap) and one seeded sampling request (256 tokens) arrive alongside them (with
+    --served-embedding also a 2,048-input embedding request, which is served: real work on the same cores), and another client polls GET /health every 50 ms;
 for --rounds rounds. Prints the streams' tokens/s in both phases and their ratio, each hostile request's
 status and time, and the worst event-loop lag the service saw in each phase; then the median ratio and the
 /health p99. The last line is `worst_loop_lag_ms=<the worst lag of the hostile phases>`.
@@ -30,7 +31,7 @@ import engine  # noqa: E402  (bench/engine.py: model, config, in-process service
 HOSTILE = textwrap.dedent("""
     import asyncio, json, sys, time
     import httpx
-    base, model, embedder = sys.argv[1:4]
+    base, model, embedder, served_embedding = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
     bodies = {
         "7 MiB chat prompt": ("/chat/completions", {"model": model, "max_tokens": 16,
                               "messages": [{"role": "user", "content": "x" * (7 << 20)}]}),
@@ -39,6 +40,9 @@ HOSTILE = textwrap.dedent("""
         "seeded sampling, 256 tokens": ("/chat/completions", {"model": model, "max_tokens": 256, "temperature": 0.8,
                                         "seed": 7, "messages": [{"role": "user", "content": "Tell me a story."}]}),
     }
+    if served_embedding:
+        bodies["2,048-input embedding (the most allowed)"] = ("/embeddings", {"model": embedder,
+            "input": [f"Sentence {i} says something about the json module." for i in range(2048)]})
     encoded = {name: (path, json.dumps(body).encode()) for name, (path, body) in bodies.items()}
     async def send(client, name, path, content):
         t0 = time.perf_counter()
@@ -104,7 +108,7 @@ async def main(args) -> None:
 
         health = await client(HEALTH, base.removesuffix("/v1") + "/health")
         lag.start()
-        hostile = await client(HOSTILE, base, "bench-chat", "minilm")
+        hostile = await client(HOSTILE, base, "bench-chat", "minilm", "1" if args.served_embedding else "0")
         busy, (hostile_out, _) = await asyncio.gather(streams(base, args, chats), hostile.communicate())
         health_out, _ = await health.communicate(b"stop\n")
         busy_lag = lag.stop()
@@ -136,4 +140,6 @@ async def main(args) -> None:
 if __name__ == "__main__":
     parser = engine.arguments(__doc__)
     parser.add_argument("--rounds", type=int, default=3, help="alone/hostile phase pairs")
+    parser.add_argument("--served-embedding", action="store_true",
+                        help="also send a 2,048-input embedding request (the most allowed: served, on the same cores)")
     asyncio.run(main(parser.parse_args()))

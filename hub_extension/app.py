@@ -344,11 +344,13 @@ jupyterhub-inference audit [--user NAME] [--action A] [--since ISO]
     async def _periodic(self, interval: float, fn) -> None:
         from tornado.httpclient import HTTPClientError
 
+        from .errors import ApiError
+
         while True:
             await asyncio.sleep(interval)
             try:
                 await fn()
-            except (OSError, HTTPClientError) as e:
+            except (OSError, HTTPClientError, ApiError) as e:
                 self.log.warning("background task %s failed: %s", fn.__name__, e)
             except Exception:
                 self.log.exception("background task %s failed", fn.__name__)

@@ -37,6 +37,13 @@ COMMON_ALIASES = {
 }
 
 
+def options(command: str, *traits: str, **renamed: str) -> dict:
+    """The common options plus `--<trait>` for each named trait of `command` (`--<option>` for renamed ones)."""
+    own = {t.replace("_", "-"): f"{command}.{t}" for t in traits}
+    own.update({option.replace("_", "-"): f"{command}.{trait}" for option, trait in renamed.items()})
+    return {**COMMON_ALIASES, **own}
+
+
 class Group(Application):
     """A command that only groups subcommands (`users`, `keys`, `grants`, `db`): without one, print help."""
 
@@ -140,7 +147,7 @@ class DbCommand(Group):
 
 class UsersList(Command):
     description = "List the users the service has seen."
-    aliases = {**COMMON_ALIASES, "status": "UsersList.status"}
+    aliases = options("UsersList", "status")
     status = Enum(list(UserStatus.ALL), None, allow_none=True, help="Only users with this status.").tag(config=True)
 
     async def act(self, db) -> int:
@@ -191,7 +198,7 @@ class KeyCommand(Command):
 
 class KeysList(KeyCommand):
     description = "List a user's keys."
-    aliases = {**COMMON_ALIASES, "user": "KeysList.user"}
+    aliases = options("KeysList", "user")
     flags = {**Command.flags, "all": ({"KeysList": {"include_revoked": True}}, "Include revoked keys.")}
     include_revoked = Bool(False, help="Include revoked keys.").tag(config=True)
 
@@ -204,14 +211,7 @@ class KeysList(KeyCommand):
 
 class KeysCreate(KeyCommand):
     description = "Issue a key for a user (the secret is printed once)."
-    aliases = {
-        **COMMON_ALIASES,
-        "user": "KeysCreate.user",
-        "name": "KeysCreate.key_name",
-        "expires-in-days": "KeysCreate.expires_in_days",
-        "features": "KeysCreate.features",
-        "models": "KeysCreate.models",
-    }
+    aliases = options("KeysCreate", "user", "expires_in_days", "features", "models", name="key_name")
     key_name = Unicode("", help="The key's name.").tag(config=True)
     expires_in_days = Integer(None, allow_none=True, help="Lifetime in days (default: the service's).").tag(
         config=True
@@ -236,7 +236,7 @@ class KeysCreate(KeyCommand):
 
 class KeysRevoke(KeyCommand):
     description = "Revoke one key (--id N) or all of a user's keys (--all)."
-    aliases = {**COMMON_ALIASES, "user": "KeysRevoke.user", "id": "KeysRevoke.key_id"}
+    aliases = options("KeysRevoke", "user", id="key_id")
     flags = {**Command.flags, "all": ({"KeysRevoke": {"revoke_all": True}}, "Revoke every key of the user.")}
     key_id = Integer(None, allow_none=True, help="The key to revoke.").tag(config=True)
     revoke_all = Bool(False, help="Revoke every key of the user.").tag(config=True)
@@ -276,7 +276,7 @@ class GrantCommand(Command):
 
 class GrantsShow(GrantCommand):
     description = "Show a user's effective permissions (with their sources), or a group's grants."
-    aliases = {**COMMON_ALIASES, "user": "GrantsShow.user", "group": "GrantsShow.group"}
+    aliases = options("GrantsShow", "user", "group")
 
     async def act(self, db) -> int:
         kind, name = self.subject()
@@ -298,13 +298,7 @@ class GrantsShow(GrantCommand):
 
 class GrantsSet(GrantCommand):
     description = "Allow, deny or clear features and models for a user or a group."
-    aliases = {
-        **COMMON_ALIASES,
-        "user": "GrantsSet.user",
-        "group": "GrantsSet.group",
-        "feature": "GrantsSet.feature",
-        "model": "GrantsSet.model",
-    }
+    aliases = options("GrantsSet", "user", "group", "feature", "model")
     feature = List(Unicode(), help="NAME=allow|deny|clear (repeatable).").tag(config=True)
     model = List(Unicode(), help="NAME=allow|deny|clear (repeatable).").tag(config=True)
 
@@ -338,10 +332,7 @@ class GrantsCommand(Group):
 
 class AuditCommand(Command):
     description = "Read the audit log, newest first."
-    aliases = {
-        **COMMON_ALIASES,
-        **{name: f"AuditCommand.{name}" for name in ("user", "action", "since", "until", "limit")},
-    }
+    aliases = options("AuditCommand", "user", "action", "since", "until", "limit")
     user = Unicode("", help="Entries where this user is actor, subject or acted as.").tag(config=True)
     action = Unicode("", help="e.g. key.create, grants.set, user.disable, impersonate").tag(config=True)
     since = Unicode("", help="ISO 8601 time.").tag(config=True)

@@ -15,7 +15,7 @@ from typing import Any
 from .errors import BadRequest
 
 MAX_DEPTH = 64  # arrays and objects inside each other; real requests use fewer than 10
-LARGE_BODY_BYTES = 256 * 1024  # /v1 bodies above this are parsed on a worker thread (handlers/openai.py)
+LARGE_BODY_BYTES = 256 * 1024  # bodies above this are parsed on a worker thread (handlers/base.py)
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 
 TEXT_FORMAT = "[%(levelname).1s %(asctime)s %(name)s] %(message)s"
 REDACTED = "[redacted]"
@@ -124,11 +125,23 @@ class Formatter(logging.Formatter):
         return head + one_line(redact("\n".join([message, *details])))
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time of each line (a test runner swaps it per test)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def configure(fmt: str = "text", level: int | str = logging.INFO) -> None:
     """Set up logging for the service process: `fmt` is `text` or `json`, for every line."""
     global _json
     _json = fmt == "json"
-    handler = logging.StreamHandler()
+    handler = _StderrHandler()
     handler.setFormatter(Formatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

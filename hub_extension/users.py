@@ -24,7 +24,7 @@ from traitlets.config import LoggingConfigurable
 from .api_keys import revoke_keys
 from .audit import AuditLog
 from .db import Database
-from .errors import Conflict, NotFound
+from .errors import Conflict, NotFound, ServiceUnavailable
 from .orm import Grant, User, UserStatus, utcnow
 
 log = logging.getLogger("hub_extension.users")
@@ -333,61 +333,48 @@ def _find(session: Session, name: str) -> User | None:
 
 
 class HubUsers:
-    """The Hub's REST API for users (with the service's token), for admin views of users not seen yet."""
+    """The Hub's REST API for users (with the service's token): the Hub sync and admin views of users not seen yet.
+
+    A Hub that cannot be reached or answers an error is a 503 for the caller (never a 500), and a user or group
+    the Hub does not have is None / False.
+    """
 
     def __init__(self, api_url: str, token: str):
         self.api_url = api_url.rstrip("/")
         self.token = token
 
-    async def list(self) -> list[dict]:
-        return await fetch_hub_users(self.api_url, self.token)
-
-    async def get(self, name: str) -> dict | None:
-        """The Hub's model of `name`, or None when the Hub has no such user."""
+    async def _get(self, path: str, *, missing_ok: bool = False) -> dict | list | None:
         request = HTTPRequest(
-            f"{self.api_url}/users/{quote(name, safe='')}",
-            headers={"Authorization": f"token {self.token}"},
+            f"{self.api_url}{path}",
+            headers={"Authorization": f"token {self.token}", "Accept": "application/jupyterhub-pagination+json"},
             request_timeout=20,
         )
         try:
             response = await AsyncHTTPClient().fetch(request)
         except HTTPClientError as e:
-            if e.code == 404:
+            if e.code == 404 and missing_ok:
                 return None
-            raise
+            raise ServiceUnavailable(f"The Hub answered {e.code}; try again shortly.", retry_after=5) from None
+        except OSError as e:
+            raise ServiceUnavailable(f"The Hub cannot be reached ({e}); try again shortly.", retry_after=5) from None
         return json.loads(response.body)
 
+    async def list(self) -> list[dict]:
+        """Every Hub user (all pages), or an exception: a partial listing must never retire users."""
+        users: list[dict] = []
+        offset = 0
+        while True:
+            page = await self._get(f"/users?offset={offset}&limit=200&include_stopped_servers=0")
+            items = page["items"] if isinstance(page, dict) else page
+            users.extend(items)
+            pagination = page.get("_pagination") if isinstance(page, dict) else None
+            if not pagination or not pagination.get("next"):
+                return users
+            offset = pagination["next"]["offset"]
+
+    async def get(self, name: str) -> dict | None:
+        """The Hub's model of `name`, or None when the Hub has no such user."""
+        return await self._get(f"/users/{quote(name, safe='')}", missing_ok=True)
+
     async def group_exists(self, name: str) -> bool:
-        request = HTTPRequest(
-            f"{self.api_url}/groups/{quote(name, safe='')}",
-            headers={"Authorization": f"token {self.token}"},
-            request_timeout=20,
-        )
-        try:
-            await AsyncHTTPClient().fetch(request)
-        except HTTPClientError as e:
-            if e.code == 404:
-                return False
-            raise
-        return True
-
-
-async def fetch_hub_users(api_url: str, token: str) -> list[dict]:
-    """Every Hub user (all pages), or an exception: a partial listing must never mark users deleted."""
-    client = AsyncHTTPClient()
-    users: list[dict] = []
-    offset = 0
-    while True:
-        request = HTTPRequest(
-            f"{api_url.rstrip('/')}/users?offset={offset}&limit=200&include_stopped_servers=0",
-            headers={"Authorization": f"token {token}", "Accept": "application/jupyterhub-pagination+json"},
-            request_timeout=20,
-        )
-        response = await client.fetch(request)
-        page = json.loads(response.body)
-        items = page["items"] if isinstance(page, dict) else page
-        users.extend(items)
-        pagination = page.get("_pagination") if isinstance(page, dict) else None
-        if not pagination or not pagination.get("next"):
-            return users
-        offset = pagination["next"]["offset"]
+        return await self._get(f"/groups/{quote(name, safe='')}", missing_ok=True) is not None

@@ -215,3 +215,15 @@ async def test_key_requests_are_bounded(parts):
     stored = await keys.list(alice.id, include_revoked=True)
     assert len(stored) <= api_keys.KEEP_ENDED_KEYS
     assert stored[-1]["name"] == f"k{api_keys.KEEP_ENDED_KEYS + 19}"  # the newest are kept
+
+
+async def test_an_unreachable_hub_is_a_503_not_a_500():
+    from conftest import free_port
+
+    from hub_extension.errors import ServiceUnavailable
+    from hub_extension.users import HubUsers
+
+    hub = HubUsers(f"http://127.0.0.1:{free_port()}/hub/api", "token")
+    for call in (hub.get("alice"), hub.group_exists("staff"), hub.list()):
+        with pytest.raises(ServiceUnavailable):
+            await call

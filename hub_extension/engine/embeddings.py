@@ -116,12 +116,8 @@ class EmbeddingBackend:
             )
         for i, text in enumerate(texts):
             if len(text) > self.max_chars:
-                raise BadRequest(
-                    f"Input {i} has {len(text)} characters; the model '{self.name}' takes at most "
-                    f"{self.context_length} tokens, which never spell more than {self.max_chars} characters.",
-                    param="input",
-                    code="context_length_exceeded",
-                )
+                raise self._too_long(i, f"{len(text)} characters", f"{self.context_length} tokens, which never "
+                                     f"spell more than {self.max_chars} characters")
         if self._pending + len(texts) > self.capacity:
             raise RateLimited(
                 f"The model '{self.name}' is at capacity ({self.capacity} texts in flight or queued); "
@@ -141,12 +137,14 @@ class EmbeddingBackend:
     def _check_tokens(self, ids: list[list[int]]) -> None:
         for i, row in enumerate(ids):
             if len(row) > self.context_length:
-                raise BadRequest(
-                    f"Input {i} has {len(row)} tokens; the model '{self.name}' takes at most "
-                    f"{self.context_length}.",
-                    param="input",
-                    code="context_length_exceeded",
-                )
+                raise self._too_long(i, f"{len(row)} tokens", str(self.context_length))
+
+    def _too_long(self, index: int, has: str, most: str) -> BadRequest:
+        return BadRequest(
+            f"Input {index} has {has}; the model '{self.name}' takes at most {most}.",
+            param="input",
+            code="context_length_exceeded",
+        )
 
     # -- model thread ----------------------------------------------------------------------------
 

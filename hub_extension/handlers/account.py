@@ -66,7 +66,7 @@ class KeysHandler(KeyOwnerMixin, APIHandler):
         user_id = self.own_user_id()
         if self.identity.acting_admin:
             raise Forbidden("Keys cannot be created while viewing as another user; issue one explicitly instead.")
-        fields = self.services.keys.validate_request(self.get_json_body())
+        fields = self.services.keys.validate_request(await self.json_body())
         self.services.permissions.check_key_narrowing(self.identity, fields)
         secret, model = await self.services.keys.create(
             user_id, audit=self.audit_context(self.identity.name), **fields

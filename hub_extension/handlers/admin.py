@@ -78,10 +78,10 @@ class GrantsHandler(AdminHandler):
         self.write_json(grants)
 
     async def put(self, name: str) -> None:
-        await self._change(name, self.get_json_body(), partial=False, replace=True)
+        await self._change(name, await self.json_body(), partial=False, replace=True)
 
     async def patch(self, name: str) -> None:
-        await self._change(name, self.get_json_body(), partial=True, replace=False)
+        await self._change(name, await self.json_body(), partial=True, replace=False)
 
     async def delete(self, name: str) -> None:
         await self._change(name, {}, partial=False, replace=True)
@@ -108,7 +108,7 @@ class UserKeysHandler(AdminHandler):
     async def post(self, name: str) -> None:
         """An admin issues a key for a user explicitly (audited with both names)."""
         state = await self.admin.state(name)
-        fields = self.services.keys.validate_request(self.get_json_body())
+        fields = self.services.keys.validate_request(await self.json_body())
         secret, model = await self.services.keys.create(
             state.id, created_by=self.identity.name, audit=self.audit_context(name), **fields
         )

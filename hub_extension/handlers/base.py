@@ -7,6 +7,7 @@ checks them against `PUBLIC_ROUTES` at start so a new public route is always a d
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import json
 import logging
@@ -17,7 +18,7 @@ from tornado import web
 from ..administration import ACT_AS_HEADER
 from ..errors import ApiError, Forbidden, NotFound, PayloadTooLarge, Unauthorized
 from ..identity import Identity
-from ..json_body import parse_object
+from ..json_body import LARGE_BODY_BYTES, parse_object
 from ..net import client_ip
 
 log = logging.getLogger("hub_extension.http")
@@ -91,11 +92,17 @@ class APIHandler(web.RequestHandler):
         else:
             self._body_parts = []
 
-    def get_json_body(self) -> dict[str, Any]:
-        """The request body as a JSON object; 413 past the limit, 400 for anything else (`json_body`)."""
+    async def json_body(self) -> dict[str, Any]:
+        """The request body as a JSON object; 413 past the limit, 400 for anything else (`json_body.py`).
+
+        A large body is parsed and checked on a worker thread, so one big request never holds the event loop.
+        """
         if self._body_size > self.services.max_body_bytes:
             raise PayloadTooLarge(f"Request body is larger than {self.services.max_body_bytes} bytes.")
-        return parse_object(b"".join(self._body_parts))
+        raw = b"".join(self._body_parts)
+        if len(raw) > LARGE_BODY_BYTES:
+            return await asyncio.to_thread(parse_object, raw)
+        return parse_object(raw)
 
     def write_json(self, value: Any, status: int = 200) -> None:
         self.set_status(status)

@@ -18,7 +18,6 @@ from tornado.iostream import StreamClosedError
 
 from .. import protocol
 from ..errors import ApiError, BadRequest, Forbidden, ModelNotFound
-from ..json_body import LARGE_BODY_BYTES
 from .base import OpenAIHandler
 
 log = logging.getLogger("hub_extension.openai")
@@ -40,12 +39,6 @@ class _V1Handler(OpenAIHandler):
         self._recorded = False
         self._model: str | None = None
         self._tokens = (0, 0)
-
-    async def _json_body(self) -> dict:
-        """The body as a JSON object; a large one is parsed and checked on a worker thread."""
-        if self._body_size > LARGE_BODY_BYTES:
-            return await asyncio.to_thread(self.get_json_body)
-        return self.get_json_body()
 
     async def _backend(self, model: str, tasks: tuple[str, ...]):
         """The backend for `model`, or the error the caller should see."""
@@ -147,7 +140,7 @@ class CompletionsHandler(_V1Handler):
         return (gen.prompt_tokens, gen.completion_tokens) if gen is not None else (0, 0)
 
     async def post(self) -> None:
-        request = self.parse(await self._json_body())
+        request = self.parse(await self.json_body())
         backend = await self._backend(request.model, self.tasks)
         gen = self._inflight = await self.generate(backend, request)
         if self._client_gone:  # left while the model loaded or the request was admitted
@@ -207,7 +200,7 @@ class EmbeddingsHandler(_V1Handler):
     endpoint = "/v1/embeddings"
 
     async def post(self) -> None:
-        request = protocol.parse_embedding(await self._json_body())
+        request = protocol.parse_embedding(await self.json_body())
         backend = await self._backend(request.model, ("embedding",))
         dimensions = getattr(backend, "dimensions", request.dimensions)
         if request.dimensions is not None and request.dimensions != dimensions:
