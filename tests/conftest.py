@@ -98,14 +98,36 @@ def pg_url():
         yield url
 
 
+@pytest.fixture(scope="session")
+def pg_unit_url():
+    """One PostgreSQL database with the current schema for the component tests, emptied before each of them
+    (making a database costs about 0.4 s here; emptying one costs milliseconds)."""
+    from hub_extension.db import Database
+
+    with temp_database("jhi_unit") as url:
+        db = Database(url, threads=1)
+        db.upgrade()
+        db.close()
+        yield url
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request, tmp_path):
-    """A database URL for component tests, on both backends (a new database each time)."""
+    """A database URL for component tests, on both backends: a new, empty database each time."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'test.sqlite'}"
-    else:
-        with temp_database("jhi_unit") as url:
-            yield url
+        return
+    from sqlalchemy import create_engine, text
+
+    from hub_extension.orm import Base
+
+    url = request.getfixturevalue("pg_unit_url")
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        tables = ", ".join(t.name for t in Base.metadata.sorted_tables)
+        conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+    engine.dispose()
+    yield url
 
 
 # -- the Hub ----------------------------------------------------------------------------------------

@@ -73,21 +73,38 @@ def test_mode_static_compares_configured_keys(tmp_path):
 @pytest.mark.parametrize(
     "args, env, message",
     [
-        (["--identity=sometimes"], {}, "'mode' trait of an IdentityProvider"),
         (["--identity=static"], {}, "static_keys"),
         (["--IdentityProvider.hub_token_cache_seconds=0"], {"INFERENCE_API_KEYS": "k"}, "hub_token_cache_seconds"),
         (["--identity=none", "--ip=0.0.0.0"], {}, "allow_remote_none"),
         (["--identity=none", "--models=/nonexistent/models.yaml"], {}, "models.yaml"),
         (["--PermissionPolicy.feature_defaults={'teleport': True}"], {}, "teleport"),
+        (["--InferenceService.trusted_proxies=['10.0.0.0/8', 'proxy']"], {}, "'proxy'"),
     ],
 )
-def test_bad_configuration_stops_the_start(tmp_path, args, env, message):
+def test_bad_configuration_stops_the_start(tmp_path, monkeypatch, args, env, message):
+    """Every bad setting fails while the service starts (before it listens), naming the setting."""
+    from traitlets import TraitError
+
+    from hub_extension.app import InferenceService
+
+    for name, value in clean_env().items() | env.items():
+        monkeypatch.setenv(name, value)
+    for name in set(os.environ) - set(clean_env()) - set(env):
+        monkeypatch.delenv(name)
+    app = InferenceService()
+    with pytest.raises((ValueError, TraitError)) as raised:
+        app.initialize([f"--db-url=sqlite:///{tmp_path / 'x.sqlite'}", *args])
+        app.make_app()
+    assert message in str(raised.value)
+
+
+def test_a_bad_setting_ends_the_process_with_its_name(tmp_path):
     r = subprocess.run(
-        CLI + ["serve", f"--port={free_port()}", f"--db-url=sqlite:///{tmp_path / 'x.sqlite'}", *args],
-        cwd=ROOT, env={**clean_env(), **env}, capture_output=True, text=True, timeout=60,
+        CLI + ["serve", f"--port={free_port()}", f"--db-url=sqlite:///{tmp_path / 'x.sqlite'}", "--identity=sometimes"],
+        cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=60,
     )
-    assert r.returncode != 0
-    assert message in r.stdout + r.stderr
+    assert r.returncode == 1 and "configuration error" in r.stderr and "'mode' trait of an IdentityProvider" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
