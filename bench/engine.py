@@ -178,11 +178,14 @@ async def serve(config: Path, work: Path):
     """The service in this process (identity mode `none`) with its models loaded, listening on loopback.
     Returns (service, app, server, base URL of /v1)."""
     from tornado import httpserver, testing
+    from traitlets.config import Config
 
     from hub_extension.app import InferenceService
 
+    settings = Config()
+    settings.IdentityProvider.mode = "none"
     service = InferenceService(
-        identity_mode="none",
+        config=settings,
         db_url=f"sqlite:///{work / 'bench.sqlite'}",
         ip="127.0.0.1",
         base_url="/services/inference/",

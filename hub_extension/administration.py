@@ -6,7 +6,6 @@ the CLI uses the same components directly.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import time
 from collections import OrderedDict
@@ -16,6 +15,7 @@ from .errors import BadRequest, Forbidden, NotFound
 from .identity import Identity, check_state
 from .orm import UserStatus
 from .permissions import PermissionPolicy
+from .usage import parse_time
 from .users import HubUsers, UserDirectory, UserState
 
 log = logging.getLogger("hub_extension.admin")
@@ -166,16 +166,7 @@ def parse_audit_query(args: dict[str, str | None]) -> dict:
     """`user`, `action`, `since`, `until` (ISO 8601) and `limit` (1..AUDIT_LIMIT_MAX) from query arguments; 400 when off."""
     out: dict = {"user": args.get("user") or None, "action": args.get("action") or None}
     for name in ("since", "until"):
-        raw = args.get(name)
-        out[name] = None
-        if raw:
-            try:
-                value = dt.datetime.fromisoformat(raw.replace("Z", "+00:00"))
-                if value.tzinfo is not None:
-                    value = value.astimezone(dt.UTC).replace(tzinfo=None)
-            except (ValueError, OverflowError):  # OverflowError: a valid time that UTC pushes past year 1 or 9999
-                raise BadRequest(f"'{name}' must be an ISO 8601 time, e.g. 2026-01-31T12:00:00Z.", param=name) from None
-            out[name] = value
+        out[name] = parse_time(name, args.get(name))
     raw = args.get("limit") or "100"
     if not (raw.isascii() and raw.isdigit() and len(raw) <= 6) or not 1 <= int(raw) <= AUDIT_LIMIT_MAX:
         raise BadRequest(f"'limit' must be an integer from 1 to {AUDIT_LIMIT_MAX}.", param="limit")

@@ -25,8 +25,11 @@ from . import __version__, logs
 from .api_keys import KeyManager
 from .db import Database
 from .identity import IdentityProvider
+from .metrics import Metrics
 from .net import parse_networks
 from .permissions import PermissionPolicy
+from .quotas import QuotaPolicy
+from .usage import UsageRecorder
 from .users import UserDirectory
 
 if TYPE_CHECKING:
@@ -51,9 +54,11 @@ jupyterhub-inference users list|disable|enable|approve|deny ...   (each with --h
 jupyterhub-inference keys list|create|revoke --user NAME ...
 jupyterhub-inference grants show|set ...
 jupyterhub-inference audit [--user NAME] [--action A] [--since ISO]
+jupyterhub-inference quotas show|set|clear --user NAME | --group NAME | --default [--tokens-per-day N] ...
+jupyterhub-inference usage [--user NAME] [--since ISO] [--bucket day|hour|month] [--group-by user|model|key|endpoint|none] [--csv]
 """
 
-    classes = [IdentityProvider, KeyManager, UserDirectory, PermissionPolicy]
+    classes = [IdentityProvider, KeyManager, UserDirectory, PermissionPolicy, UsageRecorder, QuotaPolicy, Metrics]
     _log_formatter_cls = logs.Formatter  # traitlets' own lines are formatted and redacted like every other line
 
     subcommands = {
@@ -62,6 +67,8 @@ jupyterhub-inference audit [--user NAME] [--action A] [--since ISO]
         "keys": ("hub_extension.cli.KeysCommand", "List, create or revoke a user's API keys."),
         "grants": ("hub_extension.cli.GrantsCommand", "Show or set grants for a user or a group."),
         "audit": ("hub_extension.cli.AuditCommand", "Read the audit log, newest first."),
+        "usage": ("hub_extension.cli.UsageCommand", "Usage by hour, day or month, grouped by user, model, key or endpoint."),
+        "quotas": ("hub_extension.cli.QuotasCommand", "Show, set or clear quotas for a user, a group or everyone."),
     }
 
     aliases = {
@@ -246,6 +253,14 @@ jupyterhub-inference audit [--user NAME] [--action A] [--since ISO]
         self.identity.keys, self.identity.users, self.identity.permissions = keys, users, permissions
         self.identity.hub_auth = hub_auth
         hub_users = HubUsers(hub_auth.api_url, hub_auth.api_token) if hub_auth else None
+        models = self._make_models()
+        usage = UsageRecorder(db, parent=self)
+        quotas = QuotaPolicy(db, parent=self)
+        quotas.load()
+        usage.flushed_callbacks.append(quotas.on_flushed)
+        metrics = Metrics(parent=self)
+        metrics.watch(models, usage)
+        self.identity.on_failure = metrics.auth_failure
         return Services(
             db=db,
             keys=keys,
@@ -255,9 +270,13 @@ jupyterhub-inference audit [--user NAME] [--action A] [--since ISO]
             identity=self.identity,
             hub=hub_users,
             admin=UserAdmin(users, permissions, hub_users),
-            models=self._make_models(),
+            models=models,
+            usage=usage,
+            quotas=quotas,
+            metrics=metrics,
             max_body_bytes=self.max_body_bytes,
             trusted_proxies=parse_networks(self.trusted_proxies),
+            usage_sinks=[usage.record, metrics.record],
         )
 
     @property
@@ -306,12 +325,14 @@ jupyterhub-inference audit [--user NAME] [--action A] [--since ISO]
 
     def routes(self) -> list[tuple]:
         """The route table, paths relative to `base_url`. Every route not in PUBLIC_ROUTES needs credentials."""
-        from .handlers import account, admin, openai, pages
+        from .handlers import account, admin, metrics, openai, pages, quotas, usage
 
-        handlers = account.routes + admin.routes + openai.routes
+        public_metrics = self.services.metrics.auth == "public"  # a deliberate setting (Metrics.auth)
+        handlers = account.routes + admin.routes + openai.routes + usage.routes + quotas.routes
+        handlers += metrics.public_routes if public_metrics else metrics.routes
         if self.identity.mode == "hub":
             handlers += pages.routes
-        check_public_routes(handlers)
+        check_public_routes(handlers, (PUBLIC_ROUTES | {"/metrics"}) if public_metrics else PUBLIC_ROUTES)
         return handlers
 
     def make_app(self):
@@ -395,8 +416,14 @@ jupyterhub-inference audit [--user NAME] [--action A] [--since ISO]
             # Listen first (the Hub gives up on a service that does not answer), load models meanwhile;
             # a request for a model still loading waits for it.
             tasks.append(asyncio.ensure_future(self._load_models()))
-        permissions = self.services.permissions
-        tasks.append(asyncio.ensure_future(self._periodic(permissions.reload_seconds, permissions.reload)))
+        services = self.services
+        for interval, job in (
+            (services.permissions.reload_seconds, services.permissions.reload),
+            (services.usage.flush_interval, services.usage.flush),
+            (3600.0, services.usage.prune),
+            (services.quotas.sync_seconds, services.quotas.sync),
+        ):
+            tasks.append(asyncio.ensure_future(self._periodic(interval, job)))
         if self.identity.mode == "hub":
             tasks.append(asyncio.ensure_future(self._periodic(self.services.users.sync_interval, self.sync_with_hub)))
         self.ready.set()
@@ -405,15 +432,25 @@ jupyterhub-inference audit [--user NAME] [--action A] [--since ISO]
         await self.shutdown(tasks)
 
     async def shutdown(self, tasks=()) -> None:
+        """Stop taking requests, end the ones in flight (their clients get no answer: recorded as 499), then write
+        everything buffered, usage last, so every request that got an answer is recorded."""
         self.server.stop()
         for task in tasks:
             task.cancel()
         try:
+            await asyncio.wait_for(self.server.close_all_connections(), 10)
+        except Exception:
+            self.log.exception("closing connections failed")
+        if self.services.models is not None:
+            await self.services.models.close()
+        try:
             await asyncio.wait_for(self.flush(), 5)
         except Exception:
             self.log.exception("final flush failed")
-        if self.services.models is not None:
-            await self.services.models.close()
+        try:
+            await asyncio.wait_for(self.services.usage.close(), 30)
+        except Exception:
+            self.log.exception("final usage flush failed")
         self.services.db.close()
 
     def start(self) -> None:
@@ -426,14 +463,14 @@ jupyterhub-inference audit [--user NAME] [--action A] [--since ISO]
         self._loop.call_soon_threadsafe(self._stop.set)
 
 
-def check_public_routes(handlers) -> None:
+def check_public_routes(handlers, public_routes: frozenset[str] = PUBLIC_ROUTES) -> None:
     """Refuse to start if a route is public without being on PUBLIC_ROUTES, or the other way round."""
     from .handlers import pages
     from .handlers.base import APIHandler, Auth
 
     for path, handler in handlers:
         public = handler is pages.OAuthCallbackHandler or (issubclass(handler, APIHandler) and handler.auth is Auth.PUBLIC)
-        if public != (path in PUBLIC_ROUTES):
+        if public != (path in public_routes):
             raise RuntimeError(f"route {path}: public={public} disagrees with PUBLIC_ROUTES")
 
 
@@ -441,7 +478,7 @@ def _log_request(handler) -> None:
     """One line per request; never the query string or headers (they may hold credentials)."""
     status = handler.get_status()
     level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
-    if status < 400 and handler.request.path.endswith("/health"):
+    if status < 400 and handler.request.path.endswith(("/health", "/metrics")):  # probes and scrapers
         level = logging.DEBUG
     who = getattr(getattr(handler, "identity", None), "name", "-")
     ms = 1000 * handler.request.request_time()

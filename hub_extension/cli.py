@@ -44,6 +44,11 @@ def options(command: str, *traits: str, **renamed: str) -> dict:
     return {**COMMON_ALIASES, **own}
 
 
+def commands(**classes: type[Application]) -> dict:
+    """A group's `subcommands`: each name with its class and the class's description as help."""
+    return {name: (cls, cls.description) for name, cls in classes.items()}
+
+
 class Group(Application):
     """A command that only groups subcommands (`users`, `keys`, `grants`, `db`): without one, print help."""
 
@@ -60,6 +65,12 @@ class Command(Application):
     aliases = COMMON_ALIASES
     flags = {"json": ({"Command": {"json": True}}, "Print JSON instead of a table.")}
     json = Bool(False, help="Print JSON instead of a table.").tag(config=True)
+
+    def __init__(self, **kwargs):
+        from .app import InferenceService  # here, not at import: the application names this module's classes
+
+        super().__init__(**kwargs)
+        self.classes = [type(self), InferenceService]  # so --help can describe its options and --db-url, --config
 
     @property
     def service(self):
@@ -139,7 +150,7 @@ class DbUpgrade(Command):
 
 class DbCommand(Group):
     description = "The service's database schema."
-    subcommands = {"upgrade": (DbUpgrade, DbUpgrade.description)}
+    subcommands = commands(upgrade=DbUpgrade)
 
 
 # -- users ---------------------------------------------------------------------------------------------
@@ -171,15 +182,13 @@ class UserAction(Command):
 
 
 def _user_action(action: str) -> type[UserAction]:
-    return type(f"Users{action.title()}", (UserAction,), {"action": action, "description": f"{action.title()} a user."})
+    description = f"{action.title()} a user: users {action} NAME"
+    return type(f"Users{action.title()}", (UserAction,), {"action": action, "description": description})
 
 
 class UsersCommand(Group):
     description = "List users; approve, deny, disable or enable one."
-    subcommands = {
-        "list": (UsersList, UsersList.description),
-        **{action: (_user_action(action), f"{action.title()} a user: users {action} NAME") for action in STATUS_ACTIONS},
-    }
+    subcommands = commands(list=UsersList, **{action: _user_action(action) for action in STATUS_ACTIONS})
 
 
 # -- keys ----------------------------------------------------------------------------------------------
@@ -252,11 +261,7 @@ class KeysRevoke(KeyCommand):
 
 class KeysCommand(Group):
     description = "List, create or revoke a user's API keys."
-    subcommands = {
-        "list": (KeysList, KeysList.description),
-        "create": (KeysCreate, KeysCreate.description),
-        "revoke": (KeysRevoke, KeysRevoke.description),
-    }
+    subcommands = commands(list=KeysList, create=KeysCreate, revoke=KeysRevoke)
 
 
 # -- grants --------------------------------------------------------------------------------------------
@@ -324,7 +329,7 @@ class GrantsSet(GrantCommand):
 
 class GrantsCommand(Group):
     description = "Show or set grants for a user or a group."
-    subcommands = {"show": (GrantsShow, GrantsShow.description), "set": (GrantsSet, GrantsSet.description)}
+    subcommands = commands(show=GrantsShow, set=GrantsSet)
 
 
 # -- audit ---------------------------------------------------------------------------------------------
@@ -366,3 +371,110 @@ def run(argv: list[str]) -> int:
         while app is not None:
             type(app).clear_instance()
             app = app.subapp
+
+
+# -- usage ---------------------------------------------------------------------------------------------
+
+
+class UsageCommand(Command):
+    description = "Usage by hour, day or month, grouped by user, model, key or endpoint (from the hourly rollups)."
+    aliases = options("UsageCommand", "user", "since", "until", "bucket", "group_by")
+    flags = {**Command.flags, "csv": ({"UsageCommand": {"csv": True}}, "Print CSV instead of a table.")}
+    user = List(Unicode(), help="Only these users (repeatable, or comma-separated).").tag(config=True)
+    since = Unicode("", help="ISO 8601 time or date.").tag(config=True)
+    until = Unicode("", help="ISO 8601 time or date.").tag(config=True)
+    bucket = Unicode("day", help="hour, day or month.").tag(config=True)
+    group_by = Unicode("user", help="user, model, key, endpoint or none.").tag(config=True)
+    csv = Bool(False, help="Print CSV instead of a table.").tag(config=True)
+
+    async def act(self, db) -> int:
+        from .handlers.usage import totals
+        from .usage import UsageReports, parse_report_query, to_csv
+
+        args = {"user": ",".join(self.user), **{k: getattr(self, k) for k in ("since", "until", "bucket", "group_by")}}
+        query = parse_report_query(args)
+        rows = await UsageReports(db).query(**query)
+        if self.csv:
+            print(to_csv(rows), end="")
+            return 0
+        if not self.json:
+            rows.append({"bucket": "total", **totals(rows)})
+        self.show(rows, ["bucket", "group", "requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens"])
+        return 0
+
+
+# -- quotas --------------------------------------------------------------------------------------------
+
+
+class QuotaCommand(Command):
+    """A command on the quota of one user (`--user`), one Hub group (`--group`) or everyone (`--default`)."""
+
+    flags = {**Command.flags, "default": ({"QuotaCommand": {"default": True}}, "The default for everyone.")}
+    user = Unicode("", help="A user (one the service has seen).").tag(config=True)
+    group = Unicode("", help="A Hub group.").tag(config=True)
+    default = Bool(False, help="The default for everyone (below user and group quotas).").tag(config=True)
+
+    async def act(self, db) -> int:
+        from .quotas import QuotaPolicy
+
+        if [bool(self.user), bool(self.group), self.default].count(True) != 1:
+            raise BadRequest("Give --user NAME, --group NAME or --default.")
+        kind, name = ("user", self.user) if self.user else ("group", self.group) if self.group else ("default", "")
+        state = await self.users.by_name(name) if kind == "user" else None  # no such user: error
+        quotas = QuotaPolicy(db, parent=self.service)
+        quotas.load()
+        values = self.values(quotas.quota(kind, name))
+        if values is not None:
+            subject = {"user": name, "group": f"group:{name}", "default": "quotas:default"}[kind]
+            await quotas.set_quota(kind, name, quotas.parse_quota(values), audit=self.audit(subject))
+        quota = quotas.quota(kind, name)
+        if state is not None:
+            quota["effective"] = await quotas.remaining(state)
+        print(json.dumps(quota, indent=2))
+        return 0
+
+    def values(self, current: dict) -> dict | None:
+        """The row to write, from the current one (None: change nothing)."""
+        return None
+
+
+class QuotasShow(QuotaCommand):
+    description = "Show the quota of a user (with the limits in effect and what is left), a group or the default."
+    aliases = options("QuotasShow", "user", "group")
+
+
+class QuotasSet(QuotaCommand):
+    description = "Set limits for a user, a group or the default (0: unlimited, none: nothing at this level)."
+    aliases = options("QuotasSet", "user", "group", "tokens_per_day", "tokens_per_month", "requests_per_minute",
+                      "weight")
+    tokens_per_day = Unicode("", help="Tokens per UTC day: N, 0 (unlimited) or none.").tag(config=True)
+    tokens_per_month = Unicode("", help="Tokens per UTC month: N, 0 (unlimited) or none.").tag(config=True)
+    requests_per_minute = Unicode("", help="Requests per minute: N, 0 (unlimited) or none.").tag(config=True)
+    weight = Unicode("", help="Fair-share weight (0.01 to 100) or none.").tag(config=True)
+
+    def values(self, current: dict) -> dict:
+        from .quotas import FIELDS
+
+        values = {f: current[f] for f in FIELDS}
+        for name in FIELDS:
+            raw = getattr(self, name).strip().lower()
+            if not raw:
+                continue
+            try:
+                values[name] = None if raw == "none" else float(raw) if name == "weight" else int(raw)
+            except ValueError:
+                raise BadRequest(f"--{name.replace('_', '-')}: give a number or none, not {raw!r}.") from None
+        return values
+
+
+class QuotasClear(QuotaCommand):
+    description = "Remove the quota of a user, a group or the default (the next level applies)."
+    aliases = options("QuotasClear", "user", "group")
+
+    def values(self, current: dict) -> dict:
+        return {}
+
+
+class QuotasCommand(Group):
+    description = "Show, set or clear quotas (tokens per day and month, requests per minute, fair-share weight)."
+    subcommands = commands(show=QuotasShow, set=QuotasSet, clear=QuotasClear)

@@ -9,12 +9,21 @@ import json
 import os
 import sys
 
-from .scopes import ADMIN_SCOPE, ANY_MODEL, FEATURES, MODEL_SCOPE_PREFIX, feature_scope, model_scope
+from .scopes import (
+    ADMIN_SCOPE,
+    ANY_MODEL,
+    FEATURES,
+    METRICS_SCOPE,
+    MODEL_SCOPE_PREFIX,
+    feature_scope,
+    model_scope,
+)
 
 SERVICE_NAME = "inference"
 
 CUSTOM_SCOPES = {
     ADMIN_SCOPE: {"description": "Administer the inference service: users, keys, grants, audit."},
+    METRICS_SCOPE: {"description": "Read the inference service's Prometheus metrics."},
     **{
         feature_scope(feature): {"description": f"Use the inference service's '{feature}' feature."}
         for feature in FEATURES

@@ -173,8 +173,16 @@ class IdentityProvider(LoggingConfigurable):
         self.hub_auth = hub_auth
         self.checker = StaticKeys(self.static_keys)
         self._key_identities: dict[int, tuple] = {}
+        self.on_failure = lambda reason: None  # told why each refused request was refused (metrics)
 
     async def authenticate(self, handler) -> Identity:
+        try:
+            return await self._authenticate(handler)
+        except (Unauthorized, Forbidden) as e:
+            self.on_failure(e.code or type(e).__name__)
+            raise
+
+    async def _authenticate(self, handler) -> Identity:
         if self.mode == "none":  # no credential is read at all
             return Identity.anonymous()
         credential = presented_credential(handler.request.headers)

@@ -5,7 +5,19 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -109,3 +121,70 @@ class AuditEvent(Base):
     details: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
     client_ip: Mapped[str | None] = mapped_column(String(64), nullable=True)
     note: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class UsageEvent(Base):
+    """One request to `/v1`, whatever came of it (refused, failed, disconnected included). Written in batches by
+    `usage.UsageRecorder`, never one commit per request; kept `UsageRecorder.raw_retention_days`."""
+
+    __tablename__ = "usage_events"
+    __table_args__ = (Index("ix_usage_events_time", "time"), Index("ix_usage_events_user_time", "user", "time"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    time: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False)  # when the request arrived (UTC)
+    user: Mapped[str] = mapped_column(String(255), nullable=False)  # "" when there is no user identity
+    credential: Mapped[str] = mapped_column(String(16), nullable=False)  # api_key|hub_token|hub_cookie|static_key|none
+    key_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    acting_admin: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    model: Mapped[str] = mapped_column(String(255), nullable=False)  # "" when none was resolved
+    endpoint: Mapped[str] = mapped_column(String(64), nullable=False)
+    status: Mapped[int] = mapped_column(Integer, nullable=False)  # HTTP status; 499: the client went away
+    streamed: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    prompt_tokens: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    latency_ms: Mapped[float] = mapped_column(Float, nullable=False, default=0.0)
+    ttft_ms: Mapped[float | None] = mapped_column(Float, nullable=True)  # time to first token (streams)
+
+
+class UsageRollup(Base):
+    """Usage summed per hour, user, model, key and endpoint: what reports and quota windows read, kept after the
+    raw events age out. `day` and `month` are stored with each row so both databases group on plain columns."""
+
+    __tablename__ = "usage_rollups"
+    __table_args__ = (
+        UniqueConstraint("hour", "user", "model", "key_id", "endpoint", name="uq_usage_rollups_bucket"),
+        Index("ix_usage_rollups_user_hour", "user", "hour"),
+        Index("ix_usage_rollups_day", "day"),
+        Index("ix_usage_rollups_month", "month"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    hour: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False)  # start of the UTC hour
+    day: Mapped[str] = mapped_column(String(10), nullable=False)  # "2026-11-29"
+    month: Mapped[str] = mapped_column(String(7), nullable=False)  # "2026-11"
+    user: Mapped[str] = mapped_column(String(255), nullable=False)
+    model: Mapped[str] = mapped_column(String(255), nullable=False)
+    key_id: Mapped[int] = mapped_column(Integer, nullable=False)  # 0: not through one of our keys
+    endpoint: Mapped[str] = mapped_column(String(64), nullable=False)
+    requests: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    errors: Mapped[int] = mapped_column(Integer, nullable=False, default=0)  # status >= 400 (499 included)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+
+
+class Quota(Base):
+    """Limits for a user, a Hub group or everyone (`subject_kind` "default", subject ""). A null limit is "none
+    at this level"; `weight` is the subject's share when a model's queue is contended (fair share)."""
+
+    __tablename__ = "quotas"
+    __table_args__ = (UniqueConstraint("subject_kind", "subject", name="uq_quotas_subject"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    subject_kind: Mapped[str] = mapped_column(String(16), nullable=False)  # "user" | "group" | "default"
+    subject: Mapped[str] = mapped_column(String(255), nullable=False)
+    tokens_per_day: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    tokens_per_month: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    requests_per_minute: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    weight: Mapped[float | None] = mapped_column(Float, nullable=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    updated_by: Mapped[str | None] = mapped_column(String(255), nullable=True)

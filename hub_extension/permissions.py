@@ -24,7 +24,6 @@ import itertools
 import json
 import logging
 import os
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -153,7 +152,6 @@ class PermissionPolicy(LoggingConfigurable):
         super().__init__(**kwargs)
         self.db = db
         self.snapshot = GrantSnapshot()
-        self.loaded_at = 0.0
         self._tickets = itertools.count(1)
         self._applied = 0  # ticket of the snapshot in use: an older read finishing late never replaces a newer one
 
@@ -181,7 +179,7 @@ class PermissionPolicy(LoggingConfigurable):
 
     def _apply(self, ticket: int, snapshot: GrantSnapshot) -> None:
         if ticket > self._applied:
-            self._applied, self.snapshot, self.loaded_at = ticket, snapshot, time.monotonic()
+            self._applied, self.snapshot = ticket, snapshot
 
     # -- the checks (hot path: no I/O) ------------------------------------------------------------------
 

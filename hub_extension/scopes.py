@@ -13,6 +13,7 @@ SCOPE_PREFIX = "custom:inference:"
 MODEL_SCOPE_PREFIX = "custom:inference:model:"
 ANY_MODEL = "*"
 ADMIN_SCOPE = "custom:inference:admin"
+METRICS_SCOPE = "custom:inference:metrics"  # read /metrics without administering anything (a scraper's role)
 # A Hub credential carrying one of these administers the service. `admin:users` is what makes a Hub token an
 # administrator's; `admin-ui` is the Hub-admin-only scope the service's OAuth client may request, so a Hub
 # admin's browser login (whose token holds only the scopes that client may ask for) is an admin's too.

@@ -24,6 +24,9 @@ class Services:
     hub: Any = None  # users.HubUsers: the Hub's REST API (None outside `hub` mode)
     admin: Any = None  # administration.UserAdmin
     models: Any = None  # engine.ModelManager
+    usage: Any = None  # usage.UsageRecorder
+    quotas: Any = None  # quotas.QuotaPolicy
+    metrics: Any = None  # metrics.Metrics
     max_body_bytes: int = 8 * 1024 * 1024
     trusted_proxies: tuple = ()  # net.parse_networks(InferenceService.trusted_proxies)
     usage_sinks: list = field(default_factory=list)

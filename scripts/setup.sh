@@ -10,6 +10,7 @@ HASH=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 need_apt=()
 command -v node >/dev/null || need_apt+=(nodejs npm)
 command -v pg_isready >/dev/null || need_apt+=(postgresql)
+command -v chromium >/dev/null || need_apt+=(chromium)  # the account page is tested in a real browser
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing apt packages: ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo

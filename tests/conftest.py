@@ -41,6 +41,8 @@ TEST_ROLES = [
     {"name": "inference-admins", "groups": ["inference-admins"], "scopes": ["custom:inference:admin"]},
     # A model scope (declared by hub_config.configure because a role uses it): test_admin_e2e.
     {"name": "inference-minilm", "groups": ["embedders"], "scopes": ["custom:inference:model:minilm"]},
+    # A scraper's role: /metrics without administering anything (test_metrics_e2e).
+    {"name": "inference-scrapers", "groups": ["scrapers"], "scopes": ["custom:inference:metrics"]},
 ]
 
 
@@ -80,6 +82,15 @@ def new_key(url: str, token: str, **fields) -> str:
     r = requests.post(url + "api/keys", headers=bearer(token), json={"name": "k", **fields}, timeout=60)
     assert r.status_code == 201, r.text
     return r.json()["key"]
+
+
+def run_command(capsys, *argv: str) -> tuple[int, str]:
+    """An admin command in this process: (exit code, its output; the error message when it failed)."""
+    from hub_extension.cli import run
+
+    code = run(list(argv))
+    out = capsys.readouterr()
+    return code, out.out if code == 0 else out.err  # stderr may also hold other threads' log lines
 
 
 def user_action(app, name: str, action: str) -> None:
@@ -372,6 +383,23 @@ def hub(tmp_path_factory, model_config_file, pg_url):  # noqa: F811
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+        for pid in left_behind(tmp / "proxy.pid", f"--InferenceService.port={ports['service']}"):
+            os.kill(pid, signal.SIGTERM)
+
+
+def left_behind(proxy_pid_file: Path, service_marker: str) -> list[int]:
+    """What a Hub that did not stop cleanly left running: its proxy (its pid file outlives it) and the service it
+    started (found by the port in its command line). Only processes this test session started."""
+    pids = []
+    if proxy_pid_file.exists():
+        pids.append(int(proxy_pid_file.read_text().strip() or 0))
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and service_marker.encode() in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:  # gone meanwhile
+            continue
+    return [pid for pid in pids if pid > 0 and Path(f"/proc/{pid}").exists()]
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

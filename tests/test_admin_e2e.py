@@ -14,12 +14,20 @@ import re
 import conftest
 import pytest
 import requests
-from conftest import CACHE_SECONDS, HUB_SYNC_SECONDS, TEST_ROLES, ServiceThread, bearer, free_port, wait_for
+from conftest import (
+    CACHE_SECONDS,
+    HUB_SYNC_SECONDS,
+    TEST_ROLES,
+    ServiceThread,
+    bearer,
+    free_port,
+    run_command,
+    wait_for,
+)
 from sqlalchemy import update
 
 from hub_extension import key_format
 from hub_extension.administration import AUDIT_LIMIT_MAX
-from hub_extension.cli import run
 from hub_extension.db import Database
 from hub_extension.orm import User
 from hub_extension.users import UserDirectory
@@ -323,9 +331,7 @@ def test_cli(db_url, capsys):
     db.close()
 
     def cli(*argv) -> tuple[int, str]:
-        code = run([*argv, "--db-url", db_url])
-        out = capsys.readouterr()
-        return code, out.out + out.err
+        return run_command(capsys, *argv, "--db-url", db_url)
 
     code, out = cli("users", "list")
     assert code == 0 and "cli-ann" in out and "pending" in out

@@ -82,6 +82,32 @@ ROWS = [
      (401, 401, 403, 404, 200, 403, 403, 200, 200, 403)),
     ("/v1/embeddings", "POST", "v1/embeddings", {"model": "minilm", "input": "hi"},
      (401, 401, 403, 404, 200, 403, 403, 200, 200, 403)),
+    # -- usage rows (issue 9: reports) --
+    ("/api/usage", "GET", "api/usage", None, (401, 401, 403, 200, 200, 403, 403, 200, 200, 403)),
+    ("/api/usage", "GET", "api/usage?format=csv&group_by=model", None,
+     (401, 401, 403, 200, 200, 403, 403, 200, 200, 403)),
+    ("/api/usage", "GET", "api/usage?bucket=week", None, (401, 401, 403, 400, 400, 403, 403, 400, 400, 403)),
+    ("/api/usage", "GET", "api/usage?group_by=user", None, (401, 401, 403, 400, 400, 403, 403, 400, 400, 403)),
+    ("/api/admin/usage", "GET", "api/admin/usage?group_by=user&user={victim}", None, admin_route(200)),
+    ("/api/admin/usage", "GET", "api/admin/usage?since=yesterday", None, admin_route(400)),
+    # -- quota rows (issue 9: quotas) --
+    ("/api/me/quota", "GET", "api/me/quota", None, (401, 401, 200, 200, 200, 200, 403, 200, 200, 403)),
+    ("/api/users/([^/]+)/quota", "GET", "api/users/{victim}/quota", None, admin_route(200)),
+    ("/api/users/([^/]+)/quota", "GET", "api/users/no-such-user-{nonce}/quota", None, admin_route(404)),
+    ("/api/users/([^/]+)/quota", "PUT", "api/users/{victim}/quota", {"tokens_per_day": 10**6}, admin_route(200)),
+    ("/api/users/([^/]+)/quota", "PUT", "api/users/{victim}/quota", {"tokens_per_day": -1}, admin_route(400)),
+    ("/api/users/([^/]+)/quota", "DELETE", "api/users/{victim}/quota", None, admin_route(200)),
+    ("/api/groups/([^/]+)/quota", "GET", "api/groups/{group}/quota", None, admin_route(200)),
+    ("/api/groups/([^/]+)/quota", "PUT", "api/groups/{group}/quota", {"requests_per_minute": 1000},
+     admin_route(200)),
+    ("/api/groups/([^/]+)/quota", "PUT", "api/groups/no-such-group-{nonce}/quota", {"weight": 2}, admin_route(404)),
+    ("/api/groups/([^/]+)/quota", "DELETE", "api/groups/{group}/quota", None, admin_route(200)),
+    ("/api/quotas/default", "GET", "api/quotas/default", None, admin_route(200)),
+    ("/api/quotas/default", "PUT", "api/quotas/default", {"weight": 1}, admin_route(200)),  # the setting's value
+    ("/api/quotas/default", "PUT", "api/quotas/default", {"weight": "heavy"}, admin_route(400)),
+    ("/api/quotas/default", "DELETE", "api/quotas/default", None, admin_route(200)),
+    # -- metrics rows (issue 9: /metrics) --
+    ("/metrics", "GET", "metrics", None, admin_route(200)),  # Metrics.auth = admin (the default)
     # Not a route: the fallback handler authenticates (and applies view-as) before its 404.
     (None, "GET", "no/such/route", None, (401, 401, 404, 404, 404, 404, 403, 404, 404, 403)),
 ]

@@ -331,11 +331,13 @@ def serve_v1(manager, prefix: str = "") -> tuple[str, list, object]:
     from hub_extension.handlers import openai as v1
     from hub_extension.identity import IdentityProvider
     from hub_extension.permissions import PermissionPolicy
+    from hub_extension.quotas import QuotaPolicy
 
     events: list[dict] = []
     services = SimpleNamespace(
         identity=IdentityProvider(mode="none"),
         permissions=PermissionPolicy(),
+        quotas=QuotaPolicy(),
         models=manager,
         max_body_bytes=1 << 20,
         record_usage=events.append,

@@ -5,6 +5,12 @@ context, admits requests into a bounded queue (429 with Retry-After when full, n
 `n` > 1 out into separate engine requests, detokenises incrementally and cuts at stop strings. Every
 request's results land in one `asyncio.Queue`, so a handler just iterates a `Generation`.
 
+Fair share: the engine holds at most its runner's `slots` choices at once (`max_concurrency` for continuous
+batching, one for the `generate` fallback); the rest wait in a `FairQueue`, one FIFO per tenant (the handler
+names the user), and each freed slot goes to the tenant whose turn it is, by weight. One user's 60 queued
+requests then delay another user's single request by about one slot, not 60. The runners hold no queue of
+their own, so the order they serve in (first come, first served) no longer matters.
+
 Request work never runs on the event loop: a prompt longer than the context could ever hold (in characters)
 is refused before anything reads it, and templating and tokenising the rest run on a small thread pool.
 This module imports neither torch nor transformers; the runners that need them load with a model.
@@ -13,8 +19,10 @@ This module imports neither torch nor transformers; the runners that need them l
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -64,6 +72,14 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     n: int = 1
+    # Fair share: whose request this is and their share when the model's queue is contended (the engine knows
+    # no users; the handler fills these in). A tenant with weight 2 gets two turns for a weight-1 tenant's one.
+    tenant: str = ""
+    weight: float = 1.0
+
+    def __post_init__(self):
+        if not (math.isfinite(self.weight) and self.weight > 0):
+            raise ValueError(f"SamplingParams.weight must be a positive number, not {self.weight!r}")
 
 
 @dataclass
@@ -75,13 +91,15 @@ class Delta:
     finish_reason: str | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class _Choice:
     index: int
     detok: IncrementalDetokenizer
     stops: StopMatcher
     max_new_tokens: int
-    request_id: str = ""
+    tenant: str = ""
+    request: TokenRequest | None = None  # set while it waits for a slot
+    request_id: str = ""  # set once the runner has it
     tokens: int = 0
     finish_reason: str | None = None
 
@@ -92,7 +110,7 @@ class Generation:
 
     model: str
     prompt_tokens: int
-    _runner: Runner
+    _cancel: Callable[[_Choice], None]  # the backend's: out of the queue, or out of the engine
     _eos: set[int]
     _choices: list[_Choice] = field(default_factory=list)
     _queue: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -114,6 +132,7 @@ class Generation:
             return
         if error is not None:
             choice.finish_reason = "error"
+            self._cancel(choice)  # the engine may still count it
             self._close_choice(choice)
             self._queue.put_nowait(EngineError(f"Generation failed: {error}"))
             return
@@ -125,7 +144,7 @@ class Generation:
             piece = choice.stops.push(choice.detok.push([tok]))
             text += piece
             if choice.stops.stopped:
-                self._runner.cancel(choice.request_id)
+                self._cancel(choice)
                 self._finish(choice, text, "stop")
                 return
         if finished:
@@ -172,8 +191,60 @@ class Generation:
         for choice in self._choices:
             if choice.finish_reason is None:
                 choice.finish_reason = "cancelled"
-                self._runner.cancel(choice.request_id)
+                self._cancel(choice)
                 self._close_choice(choice)
+
+
+class FairQueue:
+    """Choices waiting for an engine slot: one FIFO per tenant, taken in weighted turns (start-time fair queueing).
+
+    Each tenant has a tag, its place in line in units of turns, that grows by 1/weight per choice it gets; the
+    next slot goes to the waiting tenant with the smallest tag, the earliest to start waiting on a tie. A tenant
+    that starts waiting starts no earlier than the tag of the last choice admitted, so time spent idle banks no
+    turns, and a newcomer is next in line however long the others' queues are. All on the event loop.
+    """
+
+    def __init__(self):
+        self._queues: dict[str, deque[_Choice]] = {}  # waiting tenants, in the order they started waiting
+        self._tags: dict[str, float] = {}  # waiting tenants, and idle ones still ahead of the clock
+        self._weights: dict[str, float] = {}
+        self._clock = 0.0  # the tag of the last choice admitted
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def push(self, choice: _Choice, weight: float) -> None:
+        queue = self._queues.get(choice.tenant)
+        if queue is None:
+            queue = self._queues[choice.tenant] = deque()
+            self._tags[choice.tenant] = max(self._tags.get(choice.tenant, 0.0), self._clock)
+        self._weights[choice.tenant] = weight
+        queue.append(choice)
+        self._len += 1
+
+    def pop(self) -> _Choice | None:
+        """The next choice to admit, or None when nothing waits."""
+        if not self._queues:
+            return None
+        tenant = min(self._queues, key=self._tags.__getitem__)
+        self._clock = self._tags[tenant]
+        self._tags[tenant] += 1 / self._weights[tenant]
+        return self._take(tenant, self._queues[tenant].popleft())
+
+    def remove(self, choice: _Choice) -> None:
+        """A waiting choice leaves the line (its client went away); its tenant keeps its place."""
+        self._queues[choice.tenant].remove(choice)
+        self._take(choice.tenant, choice)
+
+    def _take(self, tenant: str, choice: _Choice) -> _Choice:
+        self._len -= 1
+        if not self._queues[tenant]:
+            del self._queues[tenant]
+            del self._weights[tenant]
+            # An idle tenant's tag matters only while it is ahead of the clock: forget the others.
+            self._tags = {t: v for t, v in self._tags.items() if t in self._queues or v > self._clock}
+        return choice
 
 
 class TextBackend:
@@ -203,13 +274,18 @@ class TextBackend:
         # No text longer than this can fit: each token covers at most `chars_per_token` characters of it.
         self.max_prompt_chars = context_length * chars_per_token if chars_per_token else None
         self._preparing = 0  # requests admitted and still being templated or tokenised
+        self._waiting = FairQueue()  # choices admitted and waiting for one of the engine's slots
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"tokenize-{spec.name}")
 
     # -- what the handlers and the manager ask -------------------------------------------------
 
     def in_flight(self) -> int:
-        """Requests admitted and not yet finished: being tokenised, queued or decoding."""
-        return self.runner.in_flight() + self._preparing
+        """Choices admitted and not yet finished: being tokenised, waiting for a slot or decoding."""
+        return self.runner.in_flight() + len(self._waiting) + self._preparing
+
+    def queued(self) -> int:
+        """Choices waiting for a slot in the engine (tokenised, not yet decoding)."""
+        return len(self._waiting)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -306,7 +382,8 @@ class TextBackend:
             self._preparing -= total
 
     def start(self, prompts: list[list[int]], params: SamplingParams, param: str = "prompt") -> Generation:
-        """Validate, admit and submit; raises before anything is streamed, so errors keep their status code."""
+        """Validate, admit and queue for the engine; raises before anything is streamed, so errors keep their
+        status code."""
         budgets = []
         for ids in prompts:
             if not ids:
@@ -320,10 +397,9 @@ class TextBackend:
         gen = Generation(
             model=self.name,
             prompt_tokens=sum(len(p) for p in prompts),
-            _runner=self.runner,
+            _cancel=self._cancel,
             _eos=self.eos_token_ids,
         )
-        work = []
         for p, ids in enumerate(prompts):
             for j in range(params.n):
                 choice = _Choice(
@@ -331,22 +407,44 @@ class TextBackend:
                     detok=IncrementalDetokenizer(self.tokenizer),
                     stops=StopMatcher(params.stop),
                     max_new_tokens=budgets[p],
+                    tenant=params.tenant,
+                )
+                # Each sample of a seeded request gets its own seed, so n > 1 gives n different, repeatable answers.
+                choice.request = TokenRequest(
+                    input_ids=ids,
+                    max_new_tokens=choice.max_new_tokens,
+                    temperature=params.temperature,
+                    top_p=params.top_p,
+                    seed=None if params.seed is None else params.seed + choice.index,
+                    on_tokens=lambda new, fin, err, c=choice: self._on_tokens(gen, c, new, fin, err),
                 )
                 gen._choices.append(choice)
-                work.append((choice, ids))
+                self._waiting.push(choice, params.weight)
         gen._open = len(gen._choices)
-        for choice, ids in work:
-            # Each sample of a seeded request gets its own seed, so n > 1 gives n different, repeatable answers.
-            req = TokenRequest(
-                input_ids=ids,
-                max_new_tokens=choice.max_new_tokens,
-                temperature=params.temperature,
-                top_p=params.top_p,
-                seed=None if params.seed is None else params.seed + choice.index,
-                on_tokens=lambda new, fin, err, c=choice: gen._on_tokens(c, new, fin, err),
-            )
-            choice.request_id = self.runner.submit(req)
+        self._fill_slots()
         return gen
+
+    # -- fair share: the engine's slots, handed out on the loop ------------------------------------
+
+    def _fill_slots(self) -> None:
+        """Hand free engine slots to waiting choices, in fair turns. Called whenever a slot may have freed."""
+        while self.runner.in_flight() < self.runner.slots and (choice := self._waiting.pop()) is not None:
+            req, choice.request = choice.request, None
+            choice.request_id = self.runner.submit(req)
+
+    def _on_tokens(self, gen: Generation, choice: _Choice, new: list[int], finished: bool, error) -> None:
+        gen._on_tokens(choice, new, finished, error)
+        if finished:
+            self._fill_slots()
+
+    def _cancel(self, choice: _Choice) -> None:
+        """A choice stops: out of the line if it waits, out of the engine (freeing a slot) if it runs."""
+        if choice.request is not None:
+            choice.request = None
+            self._waiting.remove(choice)
+        else:
+            self.runner.cancel(choice.request_id)
+            self._fill_slots()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

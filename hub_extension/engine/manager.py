@@ -10,6 +10,7 @@ import asyncio
 import gc
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +124,19 @@ class ModelManager:
         slots = [self._slots[name]] if name is not None else list(self._slots.values())
         return sum(s.backend.in_flight() for s in slots if s.backend is not None)
 
+    def queued(self, name: str) -> int:
+        """Work waiting for a slot: a text model's fair-share queue; for the others, what is admitted beyond
+        what runs at once (`max_concurrency`, times `batch_size` for a local embedding model, which counts texts)."""
+        slot = self._slots[name]
+        backend = slot.backend
+        if backend is None:
+            return 0
+        if hasattr(backend, "queued"):
+            return backend.queued()
+        spec = slot.spec
+        at_once = spec.max_concurrency * (spec.batch_size if spec.task == "embedding" and not spec.is_upstream else 1)
+        return max(0, backend.in_flight() - at_once)
+
     # -- loading and unloading ---------------------------------------------------------------------
 
     async def _ensure_loaded(self, slot: _Slot) -> None:
@@ -173,7 +187,15 @@ class ModelManager:
                         log.exception("unloading model %r failed", name)
 
 
+_LOADING = threading.Lock()  # one model loads at a time: concurrent first imports of transformers fail
+
+
 def _load(spec: ModelSpec, build_dir: Path):
+    with _LOADING:
+        return _load_one(spec, build_dir)
+
+
+def _load_one(spec: ModelSpec, build_dir: Path):
     from . import loading
 
     if spec.upstream is not None:

@@ -4,9 +4,11 @@
 the API moved in 5.17, 5.23 and 5.24); `GenerateRunner` is the plain `model.generate()` fallback for models
 the manager cannot serve.
 
-Contract, for both: `submit()` is called on the event loop and never blocks it (our own admission control in
-the backend bounds the queue, so the manager's input queue never fills); results come back on the loop through
-`loop.call_soon_threadsafe` as `on_tokens(new_token_ids, finished, error)`; `cancel()` frees the slot.
+Contract, for both: `submit()` is called on the event loop and never blocks it; results come back on the loop
+through `loop.call_soon_threadsafe` as `on_tokens(new_token_ids, finished, error)`; `cancel()` frees the slot.
+The backend submits at most `slots` requests at a time (what the runner decodes together) and keeps the rest
+in its fair-share queue, so neither runner queues work of its own, and the order they serve in (first come,
+first served) is never the order users wait in.
 
 Seeded sampling: the manager samples the whole batch from the process-wide RNG, so a seed handed to it would
 be shared by everyone. A seeded request draws its own tokens instead: the token at position p is where a
@@ -76,6 +78,8 @@ class _SeededDraw(ContinuousBatchingLogitsProcessor):
 class Runner:
     """What a text backend needs from whatever runs the model."""
 
+    slots = 1  # requests it decodes together: the backend never submits more
+
     def __init__(self, model, name: str):
         self.model = model
         self.name = name
@@ -132,6 +136,7 @@ class ContinuousBatchingRunner(Runner):
         seed: int | None = None,
     ):
         super().__init__(model, name)
+        self.slots = max_concurrency
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
@@ -150,7 +155,7 @@ class ContinuousBatchingRunner(Runner):
             num_blocks=num_blocks,  # sized by us, never the library's share of free memory
             page_size=page_size,
             max_batch_tokens=max_batch_tokens,
-            max_requests_per_batch=max_concurrency,
+            max_requests_per_batch=max_concurrency,  # `slots`: all the backend ever submits at once
             per_request_processors=True,
             max_queue_size=0,  # our admission control bounds it; a bounded queue would block `add_request`
             seed=seed,
@@ -258,7 +263,8 @@ class _Draw:
 
 
 class GenerateRunner(Runner):
-    """One request at a time through `model.generate()` on a worker thread: the fallback path."""
+    """One request at a time through `model.generate()` on a worker thread: the fallback path. One slot,
+    whatever `max_concurrency` says, so the requests waiting behind it wait in the backend's fair queue."""
 
     def __init__(
         self,

@@ -9,6 +9,7 @@ a client that goes away cancels its engine work and its request is recorded with
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -18,6 +19,7 @@ from tornado.iostream import StreamClosedError
 
 from .. import protocol
 from ..errors import ApiError, BadRequest, Forbidden, ModelNotFound
+from ..quotas import Reservation, estimate_tokens
 from .base import OpenAIHandler
 
 log = logging.getLogger("hub_extension.openai")
@@ -34,11 +36,14 @@ class _V1Handler(OpenAIHandler):
 
     def initialize(self) -> None:
         self._t0 = time.perf_counter()
+        self._arrived = time.time()
+        self._streamed = False
         self._inflight: Any = None  # engine work (a Generation or a Task): cancel() when the client leaves
         self._client_gone = False
         self._recorded = False
         self._model: str | None = None
         self._tokens = (0, 0)
+        self._reservation = Reservation(None)  # the caller's quota held for this request
 
     async def _backend(self, model: str, tasks: tuple[str, ...]):
         """The backend for `model`, or the error the caller should see."""
@@ -68,10 +73,18 @@ class _V1Handler(OpenAIHandler):
     def on_finish(self) -> None:
         self._record(CLIENT_CLOSED if self._client_gone else self.get_status())
 
+    def _reserve(self, tokens: int) -> None:
+        """Hold the request's worst case against the caller's quota (429 when over a limit), before generating."""
+        self._reservation = self.services.quotas.reserve(self.identity, tokens)
+
     def _record(self, status: int) -> None:
         if self._recorded:
             return
         self._recorded = True
+        if self._inflight is None:  # refused or failed before generating: the request never ran
+            self._reservation.release()
+        else:
+            self._reservation.settle(sum(self._counts()))
         try:
             self.services.record_usage(self._usage_event(status))
         except Exception:
@@ -86,9 +99,10 @@ class _V1Handler(OpenAIHandler):
         identity = getattr(self, "identity", None)
         prompt_tokens, completion_tokens = self._counts()
         return {
-            "time": time.time(),
+            "time": self._arrived,
             "user": identity.name if identity else None,
-            "via": identity.via if identity else None,
+            "credential": identity.via if identity else None,
+            "user_id": identity.user_id if identity else None,
             "key_id": identity.key_id if identity else None,
             "acting_admin": identity.acting_admin if identity else None,
             "model": self._model,
@@ -96,8 +110,15 @@ class _V1Handler(OpenAIHandler):
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "latency_ms": round((time.perf_counter() - self._t0) * 1000, 3),
+            "ttft_ms": self._ttft_ms(),
             "status": status,
+            "streamed": self._streamed,
         }
+
+    def _ttft_ms(self) -> float | None:
+        """Time to the first token, for generation requests that produced one."""
+        first = getattr(self._inflight, "first_token_at", None)
+        return round((first - self._t0) * 1000, 3) if first is not None else None
 
 
 class ModelsHandler(_V1Handler):
@@ -135,6 +156,19 @@ class CompletionsHandler(_V1Handler):
     async def generate(self, backend, request: protocol.CompletionRequest):
         return await backend.complete(request.prompts, request.params)
 
+    @staticmethod
+    def prompt_texts(request: protocol.CompletionRequest) -> list:
+        return request.prompts
+
+    def _admit(self, backend, request: protocol.CompletionRequest):
+        """Reserve max_tokens x choices + the prompt against the quota; the request with its fair-share tenant."""
+        params = request.params
+        prompts = self.prompt_texts(request)
+        answer = params.max_tokens or backend.spec.default_max_tokens or backend.context_length or 0
+        self._reserve(len(prompts) * params.n * answer + estimate_tokens(prompts))
+        weight = self.services.quotas.weight(self.identity)
+        return dataclasses.replace(request, params=dataclasses.replace(params, tenant=self.identity.name, weight=weight))
+
     def _counts(self) -> tuple[int, int]:
         gen = self._inflight
         return (gen.prompt_tokens, gen.completion_tokens) if gen is not None else (0, 0)
@@ -142,11 +176,13 @@ class CompletionsHandler(_V1Handler):
     async def post(self) -> None:
         request = self.parse(await self.json_body())
         backend = await self._backend(request.model, self.tasks)
+        request = self._admit(backend, request)
         gen = self._inflight = await self.generate(backend, request)
         if self._client_gone:  # left while the model loaded or the request was admitted
             gen.cancel()
             return
         shape = self.shape(request.model)
+        self._streamed = request.stream
         if request.stream:
             await self._stream(gen, shape, request.include_usage)
             return
@@ -194,6 +230,10 @@ class ChatCompletionsHandler(CompletionsHandler):
     async def generate(self, backend, request: protocol.ChatRequest):
         return await backend.chat(request.messages, request.params)
 
+    @staticmethod
+    def prompt_texts(request: protocol.ChatRequest) -> list:
+        return ["".join(m["content"] for m in request.messages)]
+
 
 class EmbeddingsHandler(_V1Handler):
     feature = "embeddings"
@@ -209,6 +249,7 @@ class EmbeddingsHandler(_V1Handler):
                 param="dimensions",
                 code="unsupported_parameter",
             )
+        self._reserve(estimate_tokens(request.texts))
         if self._client_gone:  # left while the model loaded (on_finish records 499)
             return
         work = self._inflight = asyncio.ensure_future(backend.embed(request.texts))
