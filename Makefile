@@ -16,6 +16,8 @@ lint: setup
 bench: setup
 	HF_HUB_OFFLINE=1 .venv/bin/python bench/auth_overhead.py
 	HF_HUB_OFFLINE=1 .venv/bin/python bench/engine.py
+	HF_HUB_OFFLINE=1 .venv/bin/python bench/hostile.py
+	HF_HUB_OFFLINE=1 .venv/bin/python bench/usage.py
 
 clean:
 	rm -rf .venv .node var .pytest_cache

@@ -276,7 +276,8 @@ async def draw_account_page(hub, page_url: str, ws_url: str, user: str) -> dict:
         document.querySelector('input[name=username]').value = {json.dumps(user)};
         document.querySelector('input[name=password]').value = 'test-password-1';
         document.querySelector('input[name=password]').form.submit();""")
-    await tools.wait(f"location.href === {json.dumps(page_url)} && !!document.querySelector('#usage-chart svg')")
+    await tools.wait(f"location.href === {json.dumps(page_url)} && !!document.querySelector('#usage-chart svg')"
+                     " && document.querySelectorAll('#quota tr').length === 3")
     shown = await tools.evaluate("""({
         days: document.querySelector('#usage-chart svg').dataset.days,
         bars: [...document.querySelectorAll('#usage-chart rect[data-day]')].map(
@@ -285,6 +286,7 @@ async def draw_account_page(hub, page_url: str, ws_url: str, user: str) -> dict:
         labels: [...document.querySelectorAll('#usage-chart svg > text')].map(t => t.textContent),
         table: [...document.querySelectorAll('#usage-models tr')].map(
             tr => [...tr.children].map(td => td.textContent)),
+        quota: [...document.querySelectorAll('#quota tr')].map(tr => [...tr.children].map(td => td.textContent)),
     })""")
     tools.ws.close()
     return shown | {"problems": tools.problems}
@@ -308,6 +310,9 @@ def test_account_page_chart_in_chromium(hub, tmp_path):
     assert {day for day, _model, _tall in shown["bars"]} <= recent_days()
     assert {"tiny-chat", "minilm"} <= set(shown["legend"])
     assert "day (UTC)" in shown["labels"] and "tokens" in shown["labels"] and "0" in shown["labels"]
+    quota = {row[0]: row[1:] for row in shown["quota"]}
+    assert set(quota) == {"Tokens per day", "Tokens per month", "Requests per minute"}
+    assert all(len(cells) == 5 and cells[-1] in ("config", "default") for cells in quota.values()), quota
     table = {row[0]: row[1:] for row in shown["table"]}
     assert table["tiny-chat"][0] == "2" and int(table["tiny-chat"][4].replace(",", "")) == spent["tiny-chat"][
         "total_tokens"]
