@@ -56,4 +56,10 @@ c.Authenticator.admin_users = admins
 
 # The service's own settings (database, models) live in jupyterhub_inference_config.py, which the admin
 # commands read too.
-configure(c, port=int(os.environ.get("INFERENCE_PORT", "8010")), config_file=here / "jupyterhub_inference_config.py")
+# Spawned servers' kernels load `kernel_ext` (no key to paste) unless INFERENCE_KERNEL_EXTENSION=0.
+configure(
+    c,
+    port=int(os.environ.get("INFERENCE_PORT", "8010")),
+    config_file=here / "jupyterhub_inference_config.py",
+    load_kernel_extension=os.environ.get("INFERENCE_KERNEL_EXTENSION", "1") != "0",
+)

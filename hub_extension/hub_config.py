@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 from .scopes import (
     ADMIN_SCOPE,
@@ -20,6 +21,9 @@ from .scopes import (
 )
 
 SERVICE_NAME = "inference"
+# A `python3` kernelspec that loads `kernel_ext` (`--InteractiveShellApp.extra_extensions`), shipped with the
+# package; spawned servers find it first through JUPYTER_PATH. Located without importing kernel_ext.
+KERNELSPEC_PATH = Path(__file__).resolve().parent.parent / "kernel_ext" / "share"
 
 CUSTOM_SCOPES = {
     ADMIN_SCOPE: {"description": "Administer the inference service: users, keys, grants, audit."},
@@ -64,21 +68,30 @@ def configure(
     service_name: str = SERVICE_NAME,
     environment: dict[str, str] | None = None,
     extra_args: list[str] | None = None,
+    load_kernel_extension: bool = True,
 ) -> dict:
     """Add the inference service to a Hub config `c`; returns the service entry.
 
     `roles` are extra Hub roles (config as code), e.g. a role that gives a group
     `custom:inference:embeddings`. They are added to `c.JupyterHub.load_roles` *and* handed to the service,
     which cannot otherwise learn which scopes a role holds.
+
+    `load_kernel_extension`: spawned servers' Python kernels load `kernel_ext` (so `%%chat` and the OpenAI
+    variables work with no setup), and are told the service's URL (`INFERENCE_SERVICE_URL`: its own address,
+    right for servers on this host; set `c.Spawner.environment` yourself for others).
     """
     extra_scopes = {s: d for s, d in model_scopes(roles).items() if s not in CUSTOM_SCOPES}
     c.JupyterHub.custom_scopes = {**_get(c, "custom_scopes", {}), **CUSTOM_SCOPES, **extra_scopes}
+    inference_scopes = sorted({*CUSTOM_SCOPES, *extra_scopes})
     all_roles = [
         {"name": f"{service_name}-service", "services": [service_name], "scopes": SERVICE_SCOPES},
         # Every user may reach the service (the default `user` role is only `self`).
         {"name": "user", "scopes": ["self", access_scope(service_name)]},
-        # A kernel's token may call the service as its user.
-        {"name": "server", "scopes": ["users:activity!user", "access:servers!server", access_scope(service_name)]},
+        # A kernel's token may call the service as its user, with its user's inference rights: the Hub grants a
+        # server's token only the requested scopes its owner holds, so listing all of them here gives exactly those.
+        {"name": "server", "scopes": [
+            "users:activity!user", "access:servers!server", access_scope(service_name), *inference_scopes,
+        ]},
         *(roles or []),
     ]
     ours = {r["name"] for r in all_roles}
@@ -105,12 +118,26 @@ def configure(
         "command": [sys.executable, "-m", "hub_extension", "serve", *(extra_args or [])],
         "environment": env,
         "oauth_no_confirm": True,
-        "oauth_client_allowed_scopes": sorted({*CUSTOM_SCOPES, *extra_scopes, HUB_ADMIN_MARKER_SCOPE}),
+        "oauth_client_allowed_scopes": sorted({*inference_scopes, HUB_ADMIN_MARKER_SCOPE}),
         "display": True,
     }
     services = [s for s in _get(c, "services", []) if s.get("name") != service_name]
     c.JupyterHub.services = services + [service]
+    if load_kernel_extension:
+        _load_kernel_extension(c, service_name, f"{service['url']}/services/{service_name}/")
     return service
+
+
+def _load_kernel_extension(c, service_name: str, service_url: str) -> None:
+    """Spawned servers' kernels load `kernel_ext` and find the service; what the admin set already wins."""
+    spawner_env = dict(c.Spawner.environment) if "environment" in c.Spawner else {}
+    path = [str(KERNELSPEC_PATH), *filter(None, str(spawner_env.get("JUPYTER_PATH", "")).split(os.pathsep))]
+    c.Spawner.environment = {
+        "INFERENCE_SERVICE_NAME": service_name,
+        "INFERENCE_SERVICE_URL": service_url,
+        **spawner_env,
+        "JUPYTER_PATH": os.pathsep.join(dict.fromkeys(path)),
+    }
 
 
 def _get(c, name: str, empty):

@@ -29,7 +29,7 @@ fi
 .venv/bin/python -m pip install -q "torch==2.13.0"
 (mkdir -p .node && npm install -s --no-fund --no-audit --prefix .node configurable-http-proxy@5 >/dev/null 2>&1) &
 NPM=$!
-.venv/bin/python -m pip install -q -e ".[service,test]"
+.venv/bin/python -m pip install -q -e ".[service,notebook,test]"
 wait $NPM
 [ -x .node/node_modules/.bin/configurable-http-proxy ] || { echo "setup: configurable-http-proxy failed to install"; exit 1; }
 echo "$HASH" > "$STAMP"

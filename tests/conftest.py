@@ -93,6 +93,34 @@ def run_command(capsys, *argv: str) -> tuple[int, str]:
     return code, out.out if code == 0 else out.err  # stderr may also hold other threads' log lines
 
 
+def clean_env() -> dict:
+    """This process's environment without the Hub's or the service's settings (and no config file)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JUPYTERHUB_", "INFERENCE_"))}
+    return {**env, "INFERENCE_CONFIG": ""}
+
+
+def serve(tmp_path, *args, env=None) -> tuple[subprocess.Popen, str]:
+    """The service as its own process on a free port (SQLite in `tmp_path`), once it answers /health."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hub_extension", "serve", f"--port={port}", f"--db-url=sqlite:///{tmp_path / 'svc.sqlite'}", *args],
+        cwd=ROOT, env={**clean_env(), **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_for(lambda: proc.poll() is None and requests.get(url + "health", timeout=2).ok, 60, 0.1, "service")
+    except TimeoutError:
+        proc.kill()
+        raise AssertionError(proc.stdout.read().decode()) from None
+    return proc, url
+
+
+def stop(proc: subprocess.Popen, sig=signal.SIGTERM) -> str:
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=30)  # the service must stop by itself; this only bounds the test
+    return out.decode()
+
+
 def user_action(app, name: str, action: str) -> None:
     """An admin's `approve|deny|disable|enable` on the in-process instance, as the admin API would make it."""
     audit = {"actor": "test", "subject": name, "client_ip": None}

@@ -73,3 +73,15 @@ def test_account_page_headers_and_cookies(hub, instance, scheme, monkeypatch):
         assert m["httponly"] is True, m.OutputString()
         assert m["samesite"] == ("Strict" if m.key == "_xsrf" else "Lax"), m.OutputString()
         assert bool(m["secure"]) == (scheme == "https"), m.OutputString()
+
+
+def test_account_page_is_part_of_the_hub(hub, instance, monkeypatch):
+    """The page uses the Hub's stylesheet, scripts (navigation bar, dark mode) and links to the Hub's pages."""
+    s, _seen = browser(hub, hub.new_user("look"), "http", monkeypatch)
+    page = s.get(instance.url)
+    assets = re.findall(r'(?:href|src)="(/hub/(?:static/[^"]+|logo))"', page.text)
+    assert {"/hub/static/css/style.min.css", "/hub/static/js/darkmode.js", "/hub/logo"} <= set(assets)
+    for asset in assets:
+        assert s.get(hub.url + asset).status_code == 200, asset
+    for link in ("/hub/home", "/hub/token", "/hub/logout"):
+        assert f'href="{link}"' in page.text

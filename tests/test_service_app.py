@@ -11,37 +11,10 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import free_port, wait_for
+from conftest import clean_env, free_port, serve, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "hub_extension"]
-
-
-def clean_env() -> dict:
-    """This process's environment without the Hub's or the service's settings (and no config file)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JUPYTERHUB_", "INFERENCE_"))}
-    return {**env, "INFERENCE_CONFIG": ""}
-
-
-def serve(tmp_path, *args, env=None) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        CLI + ["serve", f"--port={port}", f"--db-url=sqlite:///{tmp_path / 'svc.sqlite'}", *args],
-        cwd=ROOT, env={**clean_env(), **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        wait_for(lambda: proc.poll() is None and requests.get(url + "health", timeout=2).ok, 60, 0.1, "service")
-    except TimeoutError:
-        proc.kill()
-        raise AssertionError(proc.stdout.read().decode()) from None
-    return proc, url
-
-
-def stop(proc: subprocess.Popen, sig=signal.SIGTERM) -> str:
-    proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=30)  # the service must stop by itself; this only bounds the test
-    return out.decode()
 
 
 def test_mode_none_has_no_auth_at_all_and_stops_on_sigint(tmp_path):

@@ -149,7 +149,7 @@ class ModelManager:
             t0 = time.perf_counter()
             log.info("loading model %r", spec.name)
             try:
-                slot.backend = await asyncio.to_thread(_load, spec, self.registry.build_dir)
+                slot.backend = await _in_daemon_thread(_load, spec, self.registry.build_dir)
             except Exception as e:
                 slot.error = f"{type(e).__name__}: {e}"
                 log.error("model %r failed to load: %s", spec.name, slot.error)
@@ -185,6 +185,34 @@ class ModelManager:
                         await self.unload(name)
                     except Exception:
                         log.exception("unloading model %r failed", name)
+
+
+def _in_daemon_thread(fn, *args) -> asyncio.Future:
+    """`fn(*args)` on a daemon thread of its own, awaited on the loop. Unlike `asyncio.to_thread`, a process asked
+    to stop while a model loads (a minute for a big one) does not wait for the load to end before it exits."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(result, error) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def work() -> None:
+        try:
+            result, error = fn(*args), None
+        except BaseException as e:  # handed to the awaiting coroutine
+            result, error = None, e
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop is gone: the service stopped meanwhile
+            pass
+
+    threading.Thread(target=work, name=f"load-{getattr(args[0], 'name', 'model')}", daemon=True).start()
+    return future
 
 
 _LOADING = threading.Lock()  # one model loads at a time: concurrent first imports of transformers fail

@@ -1,8 +1,9 @@
 """The account page browser users reach from the Hub's Services menu.
 
 A page, not an API: without a Hub login it redirects to the Hub's OAuth login (APIs answer 401 instead).
-It renders only the shell; the keys are listed, made and revoked by the page's script through `/api/keys`
-with the Hub's XSRF token, so there is one way to do each thing.
+It renders only the shell, in the Hub's look (its stylesheet, navigation bar and dark mode); the keys are
+listed, made and revoked by the page's script through `/api/keys` with the Hub's XSRF token, so there is one
+way to do each thing.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from tornado import web
 
 from ..errors import ApiError, Unauthorized
 
-# The page's own script and styles only, and no framing by any site (clickjacking).
+# The page's own script and styles and the Hub's (same origin through the proxy), no framing by any site (clickjacking).
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; style-src 'unsafe-inline' 'self'; script-src 'unsafe-inline' 'self'; frame-ancestors 'none'"
 )
@@ -79,10 +80,16 @@ class AccountPageHandler(_Page, HubOAuthenticated, web.RequestHandler):
 
     def get(self) -> None:
         self.set_header("Cache-Control", "no-store")
+        base = self.settings["service_base_url"]
         self.render(
             "account.html",
             user=self._hub_user["name"],
-            base=self.settings["service_base_url"],
+            admin=bool(self._hub_user.get("admin")),
+            base=base,
+            # The Hub's own pages and static files (stylesheet, navigation bar script, dark mode), so the page
+            # looks like part of the Hub; same origin through the proxy, so the CSP's 'self' allows them.
+            hub=self.hub_auth.hub_host + self.hub_auth.hub_prefix,
+            service=base.rstrip("/").rpartition("/")[2] or "inference",
             xsrf=self.xsrf_token.decode() if isinstance(self.xsrf_token, bytes) else self.xsrf_token,
         )
 

@@ -1,0 +1,184 @@
+"""`AccountPanel`: who I am, what I may use and why, my keys, my usage and what is left of my quota.
+
+Every button calls a method of the panel (`create_key`, `revoke_key`, `dismiss_secret`, `refresh`), so a test
+calls exactly what a click calls. Data comes only through `kernel_ext.service_api.InferenceClient`.
+"""
+
+from __future__ import annotations
+
+import html
+from collections import defaultdict
+
+import ipywidgets as w
+
+from kernel_ext.service_api import InferenceClient, InferenceError
+
+from . import style
+
+QUOTA_WINDOWS = ("tokens_per_day", "tokens_per_month", "requests_per_minute")
+
+
+def permissions_html(perms: dict) -> str:
+    """Features and models with the answer and where it came from (a user grant, a group, a Hub role...)."""
+    def rows(kind: str, entries: dict):
+        return [(kind, name, style.allowed(d["allowed"]), d["source"], d.get("via", "")) for name, d in entries]
+
+    entries = rows("feature", perms["features"].items()) + rows("model", perms["models"].items())
+    if "other_models" in perms:
+        entries += rows("model", [("* (any other)", perms["other_models"])])
+    return style.table(("kind", "name", "", "source", "via"), entries, raw=(2,))
+
+
+def usage_html(report: dict) -> str:
+    """A usage report summed per group (model, user...) over its whole range."""
+    sums: dict[str, dict] = defaultdict(lambda: defaultdict(int))
+    for r in report["rows"]:
+        for count in ("requests", "prompt_tokens", "completion_tokens", "total_tokens"):
+            sums[r["group"] or "-"][count] += r[count]
+    rows = [(g, s["requests"], s["prompt_tokens"], s["completion_tokens"], s["total_tokens"])
+            for g, s in sorted(sums.items())]
+    title = style.note(f"{report['since'][:10]} to {report['until'][:10]}, by {report['group_by']}")
+    return title + style.table((report["group_by"], "requests", "prompt", "completion", "total tokens"), rows)
+
+
+def quota_html(quota: dict) -> str:
+    def limit(v):
+        return "unlimited" if v is None else v
+
+    rows = [(name.replace("_", " "), limit(q["limit"]), q["used"], limit(q["remaining"]), q["resets_at"] or "",
+             q["source"]) for name, q in ((n, quota["limits"][n]) for n in QUOTA_WINDOWS)]
+    return style.table(("limit", "", "used", "remaining", "resets", "source"), rows)
+
+
+def key_label(key: dict) -> str:
+    narrowed = ", ".join((key.get("features") or []) + (key.get("models") or [])) or "everything its owner may use"
+    parts = [f"<b>{html.escape(key['name'])}</b> <code>{html.escape(key['prefix'])}</code>", f"for {narrowed}",
+             f"expires {key['expires_at'] or 'never'}", f"last used {key['last_used'] or 'never'}"]
+    if key.get("created_by"):
+        parts.append(f"issued by {key['created_by']}")
+    return " · ".join(parts[:1] + [html.escape(p) for p in parts[1:]])
+
+
+def key_rows(keys: list[dict], revoke) -> list[w.Widget]:
+    """One line per key with its own Revoke button, which calls `revoke(key_id)`."""
+    rows = []
+    for key in keys:
+        button = w.Button(description="Revoke", button_style="danger", layout=style.button())
+        button.on_click(lambda _b, key_id=key["id"]: revoke(key_id))
+        rows.append(w.HBox([w.HTML(key_label(key)), button], layout=style.row()))
+    return rows or [w.HTML(style.note("No keys."))]
+
+
+class AccountPanel(style.Panel):
+    """The account page of the service, in a notebook. `client`: default, the kernel's own (from_environment)."""
+
+    def __init__(self, client: InferenceClient | None = None):
+        self.client = client
+        self.me: dict = {}
+        self.secret: str | None = None  # the newest key's secret, until dismissed: it is never fetched again
+        self.identity = w.HTML()
+        self.permissions = w.HTML()
+        self.key_name = w.Text(description="Name", placeholder="laptop", style=style.describe(), layout=style.field())
+        self.key_expiry = w.BoundedIntText(value=0, min=0, max=36500, description="Expires (days)",
+                                           style=style.describe(), layout=style.field())
+        self.key_features = w.SelectMultiple(description="Only features", style=style.describe(),
+                                             layout=style.choices())
+        self.key_models = w.SelectMultiple(description="Only models", style=style.describe(), layout=style.choices())
+        self.create_button = w.Button(description="Create key", button_style="primary", layout=style.button())
+        self.create_button.on_click(self.create_key)
+        self.secret_view = w.HTML(layout=style.hidden())
+        self.dismiss_button = w.Button(description="Done, I copied it", layout=style.hidden())
+        self.dismiss_button.on_click(self.dismiss_secret)
+        self.key_rows = w.VBox(layout=style.column())
+        self.keys_section = w.VBox([
+            w.HTML(style.heading("Your keys")),
+            self.key_rows,
+            w.HTML(style.heading("New key") + style.note(
+                "Expires 0: never. Pick no feature or model to let the key do everything you may.")),
+            w.HBox([self.key_name, self.key_expiry], layout=style.row()),
+            w.HBox([self.key_features, self.key_models], layout=style.row()),
+            self.create_button,
+            self.secret_view,
+            self.dismiss_button,
+        ], layout=style.column())
+        self.usage = w.HTML()
+        self.quota = w.HTML()
+        self.refresh_button = w.Button(description="Refresh", icon="refresh", layout=style.button())
+        self.refresh_button.on_click(self.refresh)
+        super().__init__("Inference account", [
+            self.identity,
+            w.HTML(style.heading("What you may use")), self.permissions,
+            self.keys_section,
+            w.HTML(style.heading("Usage, last 30 days")), self.usage,
+            w.HTML(style.heading("Quota")), self.quota,
+            self.refresh_button,
+        ])
+        self.refresh()
+
+    # -- actions (what the buttons call) ---------------------------------------------------------------------
+
+    @style.action
+    def refresh(self, _button=None) -> None:
+        if self.client is None:
+            self.client = InferenceClient.from_environment()
+        self._load()
+
+    @style.action
+    def create_key(self, _button=None) -> None:
+        """Create a key from the form; its secret is shown once, until dismissed or the next key."""
+        name = self.key_name.value.strip()
+        if not name:
+            raise ValueError("Give the key a name (where you will use it, e.g. 'laptop').")
+        made = self.client.create_key(name, self.key_expiry.value or None, self.key_features.value,
+                                      self.key_models.value)
+        self.secret = made["key"]
+        self.key_name.value = ""
+        self._show_secret()
+        self._load_keys()
+
+    def dismiss_secret(self, _button=None) -> None:
+        self.secret = None
+        self._show_secret()
+
+    @style.action
+    def revoke_key(self, key_id: int) -> None:
+        self.client.revoke_key(key_id)
+        self._load_keys()
+
+    # -- loading ---------------------------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        self.me = me = self.client.me()
+        no_auth = me["authenticated_via"] == "none"
+        facts = [("name", me["name"]), ("role", me["role"]), ("status", me.get("status", "")),
+                 ("groups", ", ".join(me["groups"]) or "none"), ("signed in with", me["authenticated_via"])]
+        if me.get("acting_admin"):
+            facts.append(("viewed by", me["acting_admin"]))
+        self.identity.value = style.table(("", ""), facts) + (style.note(
+            "This service runs without authentication: there are no users or keys to manage.") if no_auth else "")
+        perms = self.client.my_permissions()
+        self.permissions.value = permissions_html(perms)
+        self.keys_section.layout.display = "none" if no_auth else None
+        if not no_auth:
+            self.key_features.options = [f for f, d in perms["features"].items() if d["allowed"]]
+            self.key_models.options = [m for m, d in perms["models"].items() if d["allowed"]]
+            self._load_keys()
+        self._section(self.usage, lambda: usage_html(self.client.usage(group_by="model", bucket="day")))
+        self._section(self.quota, lambda: quota_html(self.client.quota()))
+
+    def _load_keys(self) -> None:
+        self.key_rows.children = key_rows(self.client.keys(), self.revoke_key)
+
+    @staticmethod
+    def _section(view: w.HTML, render) -> None:
+        """A part the caller may not see (a feature off) says why in place, without hiding the rest."""
+        try:
+            view.value = render()
+        except InferenceError as e:
+            view.value = style.note(e.message)
+
+    def _show_secret(self) -> None:
+        shown = self.secret is not None
+        self.secret_view.value = style.secret_html(self.secret) if shown else ""
+        self.secret_view.layout.display = None if shown else "none"
+        self.dismiss_button.layout.display = None if shown else "none"

@@ -1,0 +1,340 @@
+"""`AdminPanel`: users (search, filters, status), grants per user and group, a user's keys, the audit log,
+view as a user, usage by user and model, and quotas; for the service's administrators only.
+
+As in `AccountPanel`, every button calls a method of the panel, and data comes only through the client.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import ipywidgets as w
+
+from kernel_ext.service_api import InferenceClient
+
+from . import style
+from .account import AccountPanel, key_rows, permissions_html, usage_html
+
+STATUSES = (("any", ""), ("active", "active"), ("pending", "pending"), ("disabled", "disabled"))
+ROLES = (("any", ""), ("admin", "admin"), ("user", "user"))
+LAST_SEEN = (("any time", None), ("in the last day", 1), ("in the last 7 days", 7), ("in the last 30 days", 30),
+             ("never", 0))
+STATUS_ACTIONS = ("approve", "deny", "disable", "enable")
+GRANT_VALUES = (("allow", True), ("deny", False), ("clear", None))
+QUOTA_FIELDS = ("tokens_per_day", "tokens_per_month", "requests_per_minute", "weight")
+TABS = ("Users", "Grants", "Keys", "Audit", "Usage", "Quotas")
+
+
+def last_seen(user: dict) -> dt.datetime | None:
+    """When the user last used the service (or, never having used it, the Hub), if ever."""
+    seen = user.get("last_seen") or user.get("hub_last_activity")
+    return dt.datetime.fromisoformat(seen.replace("Z", "+00:00")) if seen else None
+
+
+def seen_within(user: dict, days: int | None, now: dt.datetime) -> bool:
+    """`days` None: anyone; 0: never seen; else seen in the last `days` days."""
+    seen = last_seen(user)
+    if days is None:
+        return True
+    if days == 0:
+        return seen is None
+    return seen is not None and now - seen.astimezone(dt.UTC) <= dt.timedelta(days=days)
+
+
+def optional_number(text: str, name: str) -> float | int | None:
+    """A quota field: empty means nothing at this level (null); 0 means unlimited."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        return float(text) if name == "weight" else int(text)
+    except ValueError:
+        raise ValueError(f"{name.replace('_', ' ')} must be a number, or empty.") from None
+
+
+def labelled(description: str, widget_class=w.Text, **kwargs) -> w.Widget:
+    return widget_class(description=description, style=style.describe(), layout=style.field(), **kwargs)
+
+
+def action_button(description: str, callback, **kwargs) -> w.Button:
+    button = w.Button(description=description, layout=style.button(), **kwargs)
+    button.on_click(lambda _b: callback())
+    return button
+
+
+class AdminPanel(style.Panel):
+    """Administration in a notebook. `client`: default, the kernel's own (from_environment)."""
+
+    def __init__(self, client: InferenceClient | None = None):
+        self.client = client
+        self.users_data: list[dict] = []
+        self.filtered: list[dict] = []
+        self.selected: str | None = None
+        self.secret: str | None = None
+        self.view_panel: AccountPanel | None = None
+        self.notice = w.HTML()
+        self.tabs = w.Tab(children=[self._users_tab(), self._grants_tab(), self._keys_tab(), self._audit_tab(),
+                                    self._usage_tab(), self._quotas_tab()], titles=TABS, layout=style.hidden())
+        self.view_box = w.VBox(layout=style.column())
+        super().__init__("Inference administration", [self.notice, self.tabs, self.view_box])
+        self.refresh()
+
+    # -- the tabs ----------------------------------------------------------------------------------------------
+
+    def _users_tab(self) -> w.Widget:
+        self.search = labelled("Search", placeholder="name or group", continuous_update=False)
+        self.status_filter = labelled("Status", w.Dropdown, options=STATUSES)
+        self.role_filter = labelled("Role", w.Dropdown, options=ROLES)
+        self.group_filter = labelled("Group", w.Dropdown, options=[("any", "")])
+        self.seen_filter = labelled("Last seen", w.Dropdown, options=LAST_SEEN)
+        for control in (self.search, self.status_filter, self.role_filter, self.group_filter, self.seen_filter):
+            control.observe(lambda _change: self.apply_filters(), names="value")
+        self.users_table = w.HTML()
+        self.user_choice = labelled("User", w.Dropdown, options=[])
+        self.user_choice.observe(lambda change: change["new"] and self.select_user(change["new"]), names="value")
+        self.user_detail = w.HTML()
+        actions = [action_button(a.capitalize(), lambda a=a: self.set_status(a)) for a in STATUS_ACTIONS]
+        actions.append(action_button("View as this user", self.view_as, icon="eye"))
+        return w.VBox([
+            w.HBox([self.search, self.status_filter, self.role_filter], layout=style.row()),
+            w.HBox([self.group_filter, self.seen_filter, action_button("Reload", self.refresh, icon="refresh")],
+                   layout=style.row()),
+            self.users_table,
+            w.HBox([self.user_choice, *actions], layout=style.row()),
+            self.user_detail,
+        ], layout=style.column())
+
+    def _grants_tab(self) -> w.Widget:
+        self.grant_kind = w.ToggleButtons(options=("user", "group"))
+        self.grant_subject = labelled("Name")
+        self.grant_target_kind = labelled("Grant on", w.Dropdown, options=("feature", "model"))
+        self.grant_target = labelled("Feature/model", w.Combobox, ensure_option=False)
+        self.grant_value = labelled("Set to", w.Dropdown, options=GRANT_VALUES)
+        self.grants_view = w.HTML()
+        return w.VBox([
+            w.HBox([self.grant_kind, self.grant_subject, action_button("Show", self.load_grants)],
+                   layout=style.row()),
+            w.HBox([self.grant_target_kind, self.grant_target, self.grant_value,
+                    action_button("Apply", self.set_grant, button_style="primary")], layout=style.row()),
+            w.HTML(style.note("'clear' removes the grant, so the next level (group, Hub role, default) decides.")),
+            self.grants_view,
+        ], layout=style.column())
+
+    def _keys_tab(self) -> w.Widget:
+        self.keys_heading = w.HTML(style.note("Pick a user on the Users tab."))
+        self.user_key_rows = w.VBox(layout=style.column())
+        self.issue_name = labelled("Key name", placeholder="for a job")
+        self.issue_expiry = labelled("Expires (days)", w.BoundedIntText, value=0, min=0, max=36500)
+        self.secret_view = w.HTML()
+        return w.VBox([
+            self.keys_heading, self.user_key_rows,
+            w.HBox([self.issue_name, self.issue_expiry,
+                    action_button("Issue key", self.issue_key, button_style="primary")], layout=style.row()),
+            self.secret_view,
+        ], layout=style.column())
+
+    def _audit_tab(self) -> w.Widget:
+        self.audit_user = labelled("User")
+        self.audit_action = labelled("Action", placeholder="e.g. key.create")
+        self.audit_since = labelled("Since", placeholder="2026-01-31T00:00")
+        self.audit_limit = labelled("Limit", w.BoundedIntText, value=50, min=1, max=500)
+        self.audit_view = w.HTML()
+        return w.VBox([
+            w.HBox([self.audit_user, self.audit_action], layout=style.row()),
+            w.HBox([self.audit_since, self.audit_limit, action_button("Search", self.load_audit)],
+                   layout=style.row()),
+            self.audit_view,
+        ], layout=style.column())
+
+    def _usage_tab(self) -> w.Widget:
+        self.usage_group = labelled("By", w.Dropdown, options=("user", "model"))
+        self.usage_view = w.HTML()
+        return w.VBox([w.HBox([self.usage_group, action_button("Show", self.load_usage)], layout=style.row()),
+                       self.usage_view], layout=style.column())
+
+    def _quotas_tab(self) -> w.Widget:
+        self.quota_kind = w.ToggleButtons(options=("user", "group"))
+        self.quota_subject = labelled("Name")
+        self.quota_fields = {name: labelled(name.replace("_", " ")) for name in QUOTA_FIELDS}
+        self.quota_view = w.HTML()
+        return w.VBox([
+            w.HBox([self.quota_kind, self.quota_subject, action_button("Show", self.load_quota)], layout=style.row()),
+            w.HBox(list(self.quota_fields.values()), layout=style.row()),
+            w.HTML(style.note("0: unlimited; empty: nothing at this level (the group or default decides).")),
+            action_button("Save limits", self.set_quota, button_style="primary"),
+            self.quota_view,
+        ], layout=style.column())
+
+    # -- actions (what the buttons call) ---------------------------------------------------------------------
+
+    @style.action
+    def refresh(self) -> None:
+        if self.client is None:
+            self.client = InferenceClient.from_environment()
+        self._load()
+
+    def apply_filters(self) -> None:
+        """Filter the loaded users by the search text, status, role, group and last seen (no request)."""
+        text, now = self.search.value.strip().lower(), dt.datetime.now(dt.UTC)
+        self.filtered = [
+            u for u in self.users_data
+            if (not text or text in u["name"].lower() or any(text in g.lower() for g in u["groups"]))
+            and (not self.status_filter.value or u["status"] == self.status_filter.value)
+            and (not self.role_filter.value or u["role"] == self.role_filter.value)
+            and (not self.group_filter.value or self.group_filter.value in u["groups"])
+            and seen_within(u, self.seen_filter.value, now)
+        ]
+        self.users_table.value = style.table(
+            ("name", "status", "role", "groups", "last seen"),
+            [(u["name"], u["status"] or "never used", u["role"], ", ".join(u["groups"]),
+              u["last_seen"] or u["hub_last_activity"] or "never") for u in self.filtered],
+        )
+        self.user_choice.options = [("pick a user", None), *((u["name"], u["name"]) for u in self.filtered)]
+        self.user_choice.value = self.selected if any(u["name"] == self.selected for u in self.filtered) else None
+
+    @style.action
+    def select_user(self, name: str) -> None:
+        self.selected = name
+        self.grant_kind.value, self.grant_subject.value = "user", name
+        self.quota_kind.value, self.quota_subject.value = "user", name
+        self._load_user()
+        self._show_grants(self.client.grants)
+
+    @style.action
+    def set_status(self, action: str) -> None:
+        self.client.set_user_status(self._chosen(), action)
+        self._load_users()
+        self._load_user()
+
+    @style.action
+    def view_as(self) -> None:
+        """An AccountPanel that sees the service exactly as the chosen user does (audited by the service)."""
+        self.view_panel = AccountPanel(self.client.act_as(self._chosen()))
+        self.view_box.children = [w.HTML(style.heading(f"Viewing as {self.selected}")), self.view_panel,
+                                  action_button("Close", self.close_view)]
+
+    def close_view(self) -> None:
+        self.view_panel, self.view_box.children = None, []
+
+    @style.action
+    def load_grants(self) -> None:
+        self._show_grants(self.client.grants)
+
+    @style.action
+    def set_grant(self) -> None:
+        """Allow, deny or clear one feature or model for the user or group in the form."""
+        target = self.grant_target.value.strip()
+        if not target:
+            raise ValueError("Name the feature or model to grant.")
+        section = "features" if self.grant_target_kind.value == "feature" else "models"
+        self._show_grants(lambda kind, name: self.client.set_grants(kind, name,
+                                                                     {section: {target: self.grant_value.value}}))
+        if self.grant_kind.value == "user" and self.grant_subject.value.strip() == self.selected:
+            self._load_user()
+
+    @style.action
+    def issue_key(self) -> None:
+        name = self.issue_name.value.strip()
+        if not name:
+            raise ValueError("Give the key a name.")
+        self.secret = self.client.issue_key(self._chosen(), name, self.issue_expiry.value or None)["key"]
+        self.secret_view.value = style.secret_html(self.secret)
+        self.issue_name.value = ""
+        self._load_keys()
+
+    @style.action
+    def revoke_user_key(self, key_id: int) -> None:
+        self.client.revoke_user_key(self._chosen(), key_id)
+        self._load_keys()
+
+    @style.action
+    def load_audit(self) -> None:
+        events = self.client.audit(user=self.audit_user.value.strip(), action=self.audit_action.value.strip(),
+                                   since=self.audit_since.value.strip(), limit=self.audit_limit.value)
+        self.audit_view.value = style.table(
+            ("time", "actor", "as", "subject", "action", "details"),
+            [(e["time"], e["actor"], e["acting_as"] or "", e["subject"], e["action"], e["details"] or "")
+             for e in events],
+        )
+
+    @style.action
+    def load_usage(self) -> None:
+        self.usage_view.value = usage_html(self.client.admin_usage(group_by=self.usage_group.value, bucket="day"))
+
+    @style.action
+    def load_quota(self) -> None:
+        self._show_quota(self.client.subject_quota)
+
+    @style.action
+    def set_quota(self) -> None:
+        limits = {f: optional_number(self.quota_fields[f].value, f) for f in QUOTA_FIELDS}
+        self._show_quota(lambda kind, name: self.client.set_subject_quota(kind, name, limits))
+
+    # -- loading -----------------------------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        me = self.client.me()
+        if me["authenticated_via"] == "none":
+            self._refuse("This service runs without authentication: there are no users to manage.")
+        elif me["role"] != "admin":
+            self._refuse(f"This panel is for the service's administrators; {me['name']} is not one. "
+                         "Your own account is in widgets.AccountPanel().")
+        else:
+            self.notice.value = style.note(f"Signed in as {me['name']} (administrator).")
+            self.tabs.layout.display = None
+            self._load_users()
+
+    def _refuse(self, message: str) -> None:
+        self.notice.value = style.note(message)
+        self.tabs.layout.display = "none"
+
+    def _load_users(self) -> None:
+        self.users_data = self.client.users()
+        groups = sorted({g for u in self.users_data for g in u["groups"]})
+        self.group_filter.options = [("any", ""), *((g, g) for g in groups)]
+        self.apply_filters()
+
+    def _load_user(self) -> None:
+        user = self.client.user(self._chosen())
+        facts = [("status", user["status"] or "never used the service"), ("role", user["role"]),
+                 ("groups", ", ".join(user["groups"]) or "none"), ("Hub roles", ", ".join(user["roles"]) or "none"),
+                 ("last seen", user["last_seen"] or "never")]
+        perms = user["permissions"]
+        self.grant_target.options = (*perms["features"], *perms["models"])
+        self.user_detail.value = (style.heading(user["name"]) + style.table(("", ""), facts)
+                                  + style.heading("Effective permissions") + permissions_html(user["permissions"]))
+        self._load_keys()
+
+    def _load_keys(self) -> None:
+        name = self._chosen()
+        self.keys_heading.value = style.heading(f"Keys of {name}")
+        self.user_key_rows.children = key_rows(self.client.user_keys(name), self.revoke_user_key)
+
+    def _show_grants(self, call) -> None:
+        """`call(kind, name)` returns the grants of the user or group in the form; show them."""
+        kind, name = self.grant_kind.value, self._form_name(self.grant_subject)
+        grants = call(kind, name)
+        rows = [(section[:-1], target, style.allowed(allow))
+                for section in ("features", "models") for target, allow in grants[section].items()]
+        self.grants_view.value = style.heading(f"Grants of {kind} {name}") + style.table(
+            ("kind", "name", ""), rows, raw=(2,))
+
+    def _show_quota(self, call) -> None:
+        kind, name = self.quota_kind.value, self._form_name(self.quota_subject)
+        quota = call(kind, name)
+        rows = [(f.replace("_", " "), "-" if quota.get(f) is None else quota[f]) for f in QUOTA_FIELDS]
+        self.quota_view.value = style.heading(f"Limits of {kind} {name}") + style.table(("limit", "value"), rows)
+        for f in QUOTA_FIELDS:
+            self.quota_fields[f].value = "" if quota.get(f) is None else str(quota[f])
+
+    def _chosen(self) -> str:
+        if not self.selected:
+            raise ValueError("Pick a user first.")
+        return self.selected
+
+    @staticmethod
+    def _form_name(text: w.Text) -> str:
+        name = text.value.strip()
+        if not name:
+            raise ValueError("Name the user or group.")
+        return name

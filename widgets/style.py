@@ -1,0 +1,144 @@
+"""The panels' look in one place: layouts, spacing, colours (JupyterLab theme variables, so dark themes work),
+and the frame every panel shares (a scoped `<style>` block, a title, an error label, tables).
+
+Nothing else in `widgets/` sets a size or a colour: panels ask this module for a layout or a piece of HTML.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+from collections.abc import Callable, Iterable
+
+import ipywidgets as w
+
+from kernel_ext.service_api import InferenceError
+
+PANEL_CLASS = "jhi-panel"
+GAP = "6px"
+LABEL_WIDTH = "9em"
+
+CSS = f"""
+<style>
+.{PANEL_CLASS} {{
+  color: var(--jp-ui-font-color1);
+  background: var(--jp-layout-color1);
+  border: 1px solid var(--jp-border-color2);
+  border-radius: 4px;
+  padding: 8px 12px;
+  font-family: var(--jp-ui-font-family);
+}}
+.{PANEL_CLASS} h3 {{ margin: 4px 0; color: var(--jp-ui-font-color0); }}
+.{PANEL_CLASS} h4 {{ margin: 8px 0 2px; color: var(--jp-brand-color1); }}
+.{PANEL_CLASS} .jhi-note {{ color: var(--jp-ui-font-color2); }}
+.{PANEL_CLASS} .jhi-error {{ color: var(--jp-error-color1); font-weight: bold; }}
+.{PANEL_CLASS} .jhi-ok {{ color: var(--jp-success-color1); }}
+.{PANEL_CLASS} .jhi-deny {{ color: var(--jp-error-color1); }}
+.{PANEL_CLASS} table {{ border-collapse: collapse; margin: 2px 0 6px; }}
+.{PANEL_CLASS} th, .{PANEL_CLASS} td {{
+  border-bottom: 1px solid var(--jp-border-color2); padding: 2px 10px 2px 0; text-align: left;
+}}
+.{PANEL_CLASS} th {{ color: var(--jp-ui-font-color2); font-weight: normal; }}
+.{PANEL_CLASS} .jhi-secret {{
+  font-family: var(--jp-code-font-family); background: var(--jp-layout-color2);
+  border: 1px solid var(--jp-brand-color1); padding: 4px; width: 40em;
+}}
+</style>
+"""
+
+
+def column() -> w.Layout:
+    return w.Layout(display="flex", flex_flow="column", grid_gap=GAP, width="100%")
+
+
+def row() -> w.Layout:
+    return w.Layout(display="flex", flex_flow="row wrap", align_items="center", grid_gap=GAP)
+
+
+def field() -> w.Layout:
+    return w.Layout(width="auto", min_width="14em")
+
+
+def button() -> w.Layout:
+    return w.Layout(width="auto")
+
+
+def choices() -> w.Layout:
+    """A multiple-choice list (features, models)."""
+    return w.Layout(width="14em", height="7em")
+
+
+def hidden() -> w.Layout:
+    return w.Layout(display="none")
+
+
+def describe() -> dict:
+    """Form fields' `style`: their labels in one width, so the forms line up."""
+    return {"description_width": LABEL_WIDTH}
+
+
+def heading(text: str, level: int = 4) -> str:
+    return f"<h{level}>{html.escape(text)}</h{level}>"
+
+
+def note(text: str) -> str:
+    return f'<span class="jhi-note">{html.escape(text)}</span>'
+
+
+def allowed(value: bool) -> str:
+    return '<span class="jhi-ok">allowed</span>' if value else '<span class="jhi-deny">denied</span>'
+
+
+def table(headers: Iterable[str], rows: Iterable[Iterable], raw: Iterable[int] = ()) -> str:
+    """An HTML table; cells are escaped except the columns in `raw` (markup this module made)."""
+    raw = set(raw)
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{c if i in raw else html.escape('' if c is None else str(c))}</td>"
+                         for i, c in enumerate(cells)) + "</tr>"
+        for cells in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>" if body else note("(none)")
+
+
+def secret_html(secret: str) -> str:
+    """The secret once, selectable, with a copy button (the browser's clipboard; nothing leaves the page)."""
+    value = html.escape(secret, quote=True)
+    return (
+        f'<input class="jhi-secret" readonly value="{value}" onclick="this.select()"> '
+        '<button onclick="navigator.clipboard.writeText(this.previousElementSibling.value)">Copy</button><br>'
+        + note("Copy it now: it is shown only this once.")
+    )
+
+
+class Panel(w.VBox):
+    """A panel's frame: the scoped style, a title, an error label; `guard` runs an action and shows its error."""
+
+    def __init__(self, title: str, children: list, **kwargs):
+        self.error = w.HTML(layout=hidden())
+        self.error.add_class("jhi-error")
+        super().__init__([w.HTML(CSS + heading(title, 3)), self.error, *children], layout=column(), **kwargs)
+        self.add_class(PANEL_CLASS)
+
+    def show_error(self, message: str | None) -> None:
+        self.error.value = f'<span class="jhi-error">{html.escape(message)}</span>' if message else ""
+        self.error.layout.display = None if message else "none"
+
+    def guard(self, action: Callable, *args) -> bool:
+        """Run `action`; an InferenceError (or a bad form value) shows in the error label, never a traceback."""
+        try:
+            action(*args)
+        except (InferenceError, ValueError) as e:
+            self.show_error(str(e))
+            return False
+        self.show_error(None)
+        return True
+
+
+def action(method: Callable) -> Callable:
+    """A panel method that a button calls: it answers True when done, or shows why not in the error label."""
+    @functools.wraps(method)
+    def run(self: Panel, *args) -> bool:
+        return self.guard(method, self, *args)
+
+    return run
