@@ -388,8 +388,7 @@ class UsageCommand(Command):
     csv = Bool(False, help="Print CSV instead of a table.").tag(config=True)
 
     async def act(self, db) -> int:
-        from .handlers.usage import totals
-        from .usage import UsageReports, parse_report_query, to_csv
+        from .usage import UsageReports, parse_report_query, to_csv, totals
 
         args = {"user": ",".join(self.user), **{k: getattr(self, k) for k in ("since", "until", "bucket", "group_by")}}
         query = parse_report_query(args)

@@ -332,6 +332,11 @@ def _delete_chunk(session: Session, table, column, cutoff: dt.datetime) -> int:
 BUCKETS = {"hour": ROLLUPS.c.hour, "day": ROLLUPS.c.day, "month": ROLLUPS.c.month}
 GROUPS = {"user": ROLLUPS.c.user, "model": ROLLUPS.c.model, "key": ROLLUPS.c.key_id, "endpoint": ROLLUPS.c.endpoint}
 COUNTS = ("requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens")
+
+
+def totals(rows: list[dict]) -> dict:
+    """A report's rows summed (the `totals` of the JSON answer, the CLI's last line)."""
+    return {name: sum(row[name] for row in rows) for name in COUNTS}
 DEFAULT_RANGE = dt.timedelta(days=30)
 MAX_RANGE = dt.timedelta(days=731)
 MAX_ROWS = 10_000

@@ -9,15 +9,10 @@ from __future__ import annotations
 import datetime as dt
 
 from ..errors import BadRequest, Forbidden
-from ..usage import COUNTS, UsageReports, parse_report_query, to_csv
+from ..usage import UsageReports, parse_report_query, to_csv, totals
 from .base import APIHandler, Auth
 
 REPORT_ARGS = ("bucket", "group_by", "since", "until")
-
-
-def totals(rows: list[dict]) -> dict:
-    """The report's rows summed (what JSON answers carry as `totals`, and the CLI's last line)."""
-    return {name: sum(row[name] for row in rows) for name in COUNTS}
 
 
 def _iso(value: dt.datetime) -> str:
