@@ -18,7 +18,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ] && [ -x .venv/bin/jupyterhub-inference ] \
-   && [ -x .node/node_modules/.bin/configurable-http-proxy ]; then
+   && [ -x .node/node_modules/.bin/configurable-http-proxy ] && [ -d .node/node_modules/oidc-provider ]; then
   echo "setup: up to date"
   exit 0
 fi
@@ -27,10 +27,11 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first and exactly: this version is on the machine's disk; anything looser downloads a CUDA build.
 .venv/bin/python -m pip install -q "torch==2.13.0"
-(mkdir -p .node && npm install -s --no-fund --no-audit --prefix .node configurable-http-proxy@5 >/dev/null 2>&1) &
+(mkdir -p .node && npm install -s --no-fund --no-audit --prefix .node configurable-http-proxy@5 oidc-provider@9 >/dev/null 2>&1) &
 NPM=$!
 .venv/bin/python -m pip install -q -e ".[service,notebook,test]"
 wait $NPM
 [ -x .node/node_modules/.bin/configurable-http-proxy ] || { echo "setup: configurable-http-proxy failed to install"; exit 1; }
+[ -d .node/node_modules/oidc-provider ] || { echo "setup: oidc-provider (the tests' OIDC provider) failed to install"; exit 1; }
 echo "$HASH" > "$STAMP"
 echo "setup: done"

@@ -444,3 +444,38 @@ def instance(request, hub) -> Instance:
     return hub.instances[request.param]
 
 
+
+
+# -- a real browser ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium for the session (Playwright with the system browser)."""
+    from browser import launch
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = launch(p)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def page(browser, request):
+    """A fresh browser context (no cookies) and page; a screenshot named after the test is kept at the end."""
+    from browser import screenshot
+
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    pg = context.new_page()
+    pg.set_default_timeout(60_000)
+    try:
+        yield pg
+    finally:
+        try:
+            screenshot(pg, request.node.nodeid.split("::", 1)[-1] + "-final")
+        except Exception:  # a page that crashed has nothing to show
+            pass
+        context.close()
