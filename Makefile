@@ -18,6 +18,8 @@ bench: setup
 	HF_HUB_OFFLINE=1 .venv/bin/python bench/engine.py
 	HF_HUB_OFFLINE=1 .venv/bin/python bench/hostile.py
 	HF_HUB_OFFLINE=1 .venv/bin/python bench/usage.py
+	HF_HUB_OFFLINE=1 .venv/bin/python bench/collections.py
+	HF_HUB_OFFLINE=1 .venv/bin/python bench/load.py
 
 clean:
 	rm -rf .venv .node var .pytest_cache

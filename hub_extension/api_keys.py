@@ -2,7 +2,8 @@
 
 Checking a key is the hot path: format and checksum first (no database), then one SHA-256 and a dict
 look-up; only a cache miss costs one indexed query, off the event loop. A revocation in this process clears
-the cache entry before it returns; other processes see it when their entry ages out (`cache_seconds`).
+the cache entry before it returns; other processes hear of it at once (`notify.py`), or at the latest when their
+entry ages out (`cache_seconds`).
 `last_used` is kept in memory and written in one batch per flush, never per request.
 """
 
@@ -19,7 +20,7 @@ from sqlalchemy.orm import Session
 from traitlets import Float, Integer, validate
 from traitlets.config import LoggingConfigurable
 
-from . import key_format
+from . import key_format, notify
 from .audit import AuditLog
 from .db import Database
 from .errors import BadRequest, Conflict, NotFound, Unauthorized
@@ -88,7 +89,7 @@ class KeyManager(LoggingConfigurable):
     cache_seconds = Float(
         10.0,
         help="""How long a checked key is cached in memory. A revocation in this process is immediate; other
-        replicas honour it within this time.""",
+        replicas on PostgreSQL hear of it at once (`notify.py`), and honour it within this time in any case.""",
     ).tag(config=True)
 
     @validate("default_lifetime_days", "max_lifetime_days", "max_keys_per_user", "cache_seconds")
@@ -154,6 +155,12 @@ class KeyManager(LoggingConfigurable):
     def forget(self, hashes: list[str]) -> None:
         self._generation += 1
         for hashed in hashes:
+            self._cache.pop(hashed, None)
+
+    def forget_user(self, user_id: int) -> None:
+        """Drop the cached keys of one user (another replica revoked some: `notify.py`)."""
+        self._generation += 1
+        for hashed in [h for h, (_, record) in self._cache.items() if record is not None and record.user_id == user_id]:
             self._cache.pop(hashed, None)
 
     def forget_all(self) -> None:
@@ -328,4 +335,6 @@ def revoke_keys(
             details = {"id": row.id, "name": row.name, "prefix": row.prefix}
             AuditLog.add(session, action="key.revoke", details=details, **audit)
     session.flush()
+    if rows:
+        notify.publish(session, "keys", user_id)
     return [row.hashed for row in rows], [key_model(row) for row in rows]

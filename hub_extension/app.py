@@ -23,11 +23,13 @@ from traitlets.config import Application
 
 from . import __version__, logs
 from .api_keys import KeyManager
-from .db import Database
+from .db import Database, unavailable
 from .identity import IdentityProvider
+from .knowledge import KnowledgeBase
 from .metrics import Metrics
 from .net import parse_networks
 from .permissions import PermissionPolicy
+from .presets import PresetStore
 from .quotas import QuotaPolicy
 from .usage import UsageRecorder
 from .users import UserDirectory
@@ -36,7 +38,7 @@ if TYPE_CHECKING:
     from .services import Services
 
 # The only routes that answer without credentials. A test checks the route table against this list.
-PUBLIC_ROUTES = frozenset({"/health", "/oauth_callback"})
+PUBLIC_ROUTES = frozenset({"/health", "/oauth_callback", "/openapi.json"})
 CONFIG_FILE_NAME = "jupyterhub_inference_config.py"
 # Where a config file is looked for when neither --config nor $INFERENCE_CONFIG names one (first found wins).
 CONFIG_SEARCH_PATH = (".", "~/.jupyterhub-inference", "/etc/jupyterhub-inference")
@@ -50,7 +52,8 @@ class InferenceService(Application):
 jupyterhub-inference serve --models=models.yaml     # usually started by the Hub (jupyterhub_config.py)
 jupyterhub-inference serve --identity=static         # standalone; keys from $INFERENCE_API_KEYS
 jupyterhub-inference db upgrade
-jupyterhub-inference users list|disable|enable|approve|deny ...   (each with --help)
+jupyterhub-inference users list|disable|enable|approve|deny|reset-password ...   (each with --help)
+jupyterhub-inference invites create|list|revoke ...
 jupyterhub-inference keys list|create|revoke --user NAME ...
 jupyterhub-inference grants show|set ...
 jupyterhub-inference audit [--user NAME] [--action A] [--since ISO]
@@ -58,7 +61,8 @@ jupyterhub-inference quotas show|set|clear --user NAME | --group NAME | --defaul
 jupyterhub-inference usage [--user NAME] [--since ISO] [--bucket day|hour|month] [--group-by user|model|key|endpoint|none] [--csv]
 """
 
-    classes = [IdentityProvider, KeyManager, UserDirectory, PermissionPolicy, UsageRecorder, QuotaPolicy, Metrics]
+    classes = [IdentityProvider, KeyManager, UserDirectory, PermissionPolicy, UsageRecorder, QuotaPolicy, Metrics,
+               PresetStore, KnowledgeBase]
     _log_formatter_cls = logs.Formatter  # traitlets' own lines are formatted and redacted like every other line
 
     subcommands = {
@@ -68,7 +72,9 @@ jupyterhub-inference usage [--user NAME] [--since ISO] [--bucket day|hour|month]
         "grants": ("hub_extension.cli.GrantsCommand", "Show or set grants for a user or a group."),
         "audit": ("hub_extension.cli.AuditCommand", "Read the audit log, newest first."),
         "usage": ("hub_extension.cli.UsageCommand", "Usage by hour, day or month, grouped by user, model, key or endpoint."),
+        "resources": ("hub_extension.cli.ResourcesCommand", "List or delete a user's presets and collections."),
         "quotas": ("hub_extension.cli.QuotasCommand", "Show, set or clear quotas for a user, a group or everyone."),
+        "invites": ("hub_extension.cli.InvitesCommand", "Create, list or revoke invitations (registration by invite)."),
     }
 
     aliases = {
@@ -205,6 +211,14 @@ jupyterhub-inference usage [--user NAME] [--since ISO] [--bucket day|hour|month]
     def _models_config_default(self):
         return os.environ.get("INFERENCE_MODELS_CONFIG", "")
 
+    shutdown_grace_seconds = Float(
+        8.0,
+        help="""On SIGTERM or SIGINT, how long requests in flight (streams included) may take to finish while new
+        ones are refused with 503; what is still running then is cut off, as it is at once on a second signal.
+        Keep it below what your process manager waits before SIGKILL (a Hub-managed service gets 10 s after its
+        SIGINT, then SIGTERM, then 5 s).""",
+    ).tag(config=True)
+
     # -- life cycle --------------------------------------------------------------------------------
 
     def initialize(self, argv=None):
@@ -240,6 +254,11 @@ jupyterhub-inference usage [--user NAME] [--since ISO] [--bucket day|hour|month]
         permissions.load()
         return UserDirectory(db, parent=self), KeyManager(db, parent=self), permissions
 
+    def make_resources(self, db: Database, models=None, quotas=None) -> tuple[PresetStore, KnowledgeBase]:
+        """Presets and knowledge collections (`serve` meters their embeddings; the admin commands need neither
+        models nor quotas)."""
+        return PresetStore(db, parent=self), KnowledgeBase(db, models=models, quotas=quotas, parent=self)
+
     def make_services(self) -> Services:
         """Every component, built with this application as parent (so each reads its own config section)."""
         from .administration import UserAdmin
@@ -261,7 +280,8 @@ jupyterhub-inference usage [--user NAME] [--since ISO] [--bucket day|hour|month]
         metrics = Metrics(parent=self)
         metrics.watch(models, usage)
         self.identity.on_failure = metrics.auth_failure
-        return Services(
+        presets, knowledge = self.make_resources(db, models, quotas)
+        services = Services(
             db=db,
             keys=keys,
             users=users,
@@ -277,7 +297,11 @@ jupyterhub-inference usage [--user NAME] [--since ISO] [--bucket day|hour|month]
             max_body_bytes=self.max_body_bytes,
             trusted_proxies=parse_networks(self.trusted_proxies),
             usage_sinks=[usage.record, metrics.record],
+            presets=presets,
+            knowledge=knowledge,
         )
+        knowledge.usage_sink = services.record_usage  # embedding tokens are usage like /v1/embeddings'
+        return services
 
     @property
     def identity(self) -> IdentityProvider:
@@ -325,10 +349,13 @@ jupyterhub-inference usage [--user NAME] [--since ISO] [--bucket day|hour|month]
 
     def routes(self) -> list[tuple]:
         """The route table, paths relative to `base_url`. Every route not in PUBLIC_ROUTES needs credentials."""
-        from .handlers import account, admin, metrics, openai, pages, quotas, usage
+        from .handlers import account, admin, metrics, openai, openapi, pages, quotas, resources, usage
+        from .handlers import invites as invite_routes
 
         public_metrics = self.services.metrics.auth == "public"  # a deliberate setting (Metrics.auth)
-        handlers = account.routes + admin.routes + openai.routes + usage.routes + quotas.routes
+        handlers = account.routes + admin.routes + openai.routes + usage.routes + quotas.routes + openapi.routes
+        handlers += resources.routes
+        handlers += invite_routes.routes
         handlers += metrics.public_routes if public_metrics else metrics.routes
         if self.identity.mode == "hub":
             handlers += pages.routes
@@ -338,6 +365,7 @@ jupyterhub-inference usage [--user NAME] [--since ISO] [--bucket day|hour|month]
     def make_app(self):
         from tornado import web
 
+        from . import openapi
         from .handlers.base import NotFoundHandler
 
         if self.identity.mode == "none" and self.ip not in ("127.0.0.1", "localhost", "::1"):
@@ -359,8 +387,13 @@ jupyterhub-inference usage [--user NAME] [--since ISO] [--bucket day|hour|month]
             settings["hub_auth"] = self.services.identity.hub_auth
             settings["cookie_secret"] = self.cookie_secret()
             settings.update(tornado_settings())
+        routes = self.routes()
+        hub_auth = settings.get("hub_auth")
+        settings["openapi_document"] = openapi.document(
+            [path for path, _ in routes], base_url=self.base_url, cookie_name=hub_auth.cookie_name if hub_auth else None
+        )
         prefix = self.base_url.rstrip("/")
-        return web.Application([(prefix + path, handler) for path, handler in self.routes()], **settings)
+        return web.Application([(prefix + path, handler) for path, handler in routes], **settings)
 
     async def _periodic(self, interval: float, fn) -> None:
         from tornado.httpclient import HTTPClientError
@@ -373,8 +406,11 @@ jupyterhub-inference usage [--user NAME] [--since ISO] [--bucket day|hour|month]
                 await fn()
             except (OSError, HTTPClientError, ApiError) as e:
                 self.log.warning("background task %s failed: %s", fn.__name__, e)
-            except Exception:
-                self.log.exception("background task %s failed", fn.__name__)
+            except Exception as e:
+                if unavailable(e):  # one line per try, not a traceback, while the database is away
+                    self.log.warning("background task %s failed: the database is unavailable", fn.__name__)
+                else:
+                    self.log.exception("background task %s failed", fn.__name__)
 
     async def _load_models(self) -> None:
         try:
@@ -406,10 +442,17 @@ jupyterhub-inference usage [--user NAME] [--since ISO] [--bucket day|hour|month]
         self.log.info("jupyterhub-inference %s on http://%s:%d%s (identity: %s, database: %s)",
                       __version__, self.ip, self.port, self.base_url, self.identity.mode, self.services.db.backend)
         stop = asyncio.Event()
+        self._hurry = asyncio.Event()  # a second signal: stop waiting for the requests in flight
         loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            if stop.is_set():
+                self._hurry.set()
+            stop.set()
+
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
+                loop.add_signal_handler(sig, on_signal)
         self._loop, self._stop = loop, stop
         tasks = [asyncio.ensure_future(self._periodic(self.flush_interval, self.flush))]
         if self.services.models is not None:
@@ -426,14 +469,23 @@ jupyterhub-inference usage [--user NAME] [--since ISO] [--bucket day|hour|month]
             tasks.append(asyncio.ensure_future(self._periodic(interval, job)))
         if self.identity.mode == "hub":
             tasks.append(asyncio.ensure_future(self._periodic(self.services.users.sync_interval, self.sync_with_hub)))
+        if services.db.backend == "postgresql":  # replicas tell each other of changes (SQLite: one process)
+            from .notify import ChangeListener, dispatch_table, forget_everything
+
+            self.listener = ChangeListener(
+                services.db.url, dispatch_table(services), on_reconnect=lambda: forget_everything(services)
+            )
+            tasks.append(asyncio.ensure_future(self.listener.run()))
         self.ready.set()
         await stop.wait()
         self.log.info("stopping")
         await self.shutdown(tasks)
 
     async def shutdown(self, tasks=()) -> None:
-        """Stop taking requests, end the ones in flight (their clients get no answer: recorded as 499), then write
-        everything buffered, usage last, so every request that got an answer is recorded."""
+        """Refuse new requests (503) while those in flight finish, up to `shutdown_grace_seconds`; then stop
+        listening, end what is left (their clients get no answer: recorded as 499) and write everything buffered,
+        usage last, so every request that got an answer is recorded."""
+        await self.drain(self.shutdown_grace_seconds)
         self.server.stop()
         for task in tasks:
             task.cancel()
@@ -452,6 +504,19 @@ jupyterhub-inference usage [--user NAME] [--since ISO] [--bucket day|hour|month]
         except Exception:
             self.log.exception("final usage flush failed")
         self.services.db.close()
+
+    async def drain(self, grace: float) -> None:
+        """New requests get 503 from now on; wait up to `grace` seconds for the ones in flight."""
+        self.services.stopping = True
+        in_flight = self.services.in_flight
+        if in_flight:
+            self.log.info("waiting up to %.0fs for %d request(s) in flight", grace, len(in_flight))
+        deadline = asyncio.get_running_loop().time() + grace
+        hurry = getattr(self, "_hurry", None)
+        while in_flight and asyncio.get_running_loop().time() < deadline and not (hurry and hurry.is_set()):
+            await asyncio.sleep(0.05)
+        if in_flight:
+            self.log.warning("cutting off %d request(s) still in flight", len(in_flight))
 
     def start(self) -> None:
         if self.subapp is not None:

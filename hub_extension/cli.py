@@ -19,7 +19,7 @@ import getpass
 import json
 import sys
 
-from traitlets import Bool, Enum, Integer, List, Unicode
+from traitlets import Bool, Enum, Float, Integer, List, Unicode
 from traitlets.config import Application
 
 from .db import DatabaseMissing
@@ -186,9 +186,26 @@ def _user_action(action: str) -> type[UserAction]:
     return type(f"Users{action.title()}", (UserAction,), {"action": action, "description": description})
 
 
+class UsersResetPassword(Command):
+    description = "Give a user a new local password (generated, printed once): users reset-password NAME"
+
+    async def act(self, db) -> int:
+        from .login import store
+        from .login.passwords import generate_password, hash_password
+
+        name = self.argument("user name")
+        await self.users.by_name(name)  # the CLI knows only users the service has seen
+        password = generate_password()
+        await db.run(store.set_password, name, hash_password(password), self.audit(name), action="password.reset",
+                     create=True)
+        print(json.dumps({"name": name, "password": password}) if self.json else password)
+        return 0
+
+
 class UsersCommand(Group):
-    description = "List users; approve, deny, disable or enable one."
-    subcommands = commands(list=UsersList, **{action: _user_action(action) for action in STATUS_ACTIONS})
+    description = "List users; approve, deny, disable or enable one; reset a local password."
+    subcommands = commands(list=UsersList, **{action: _user_action(action) for action in STATUS_ACTIONS},
+                           **{"reset-password": UsersResetPassword})
 
 
 # -- keys ----------------------------------------------------------------------------------------------
@@ -477,3 +494,117 @@ class QuotasClear(QuotaCommand):
 class QuotasCommand(Group):
     description = "Show, set or clear quotas (tokens per day and month, requests per minute, fair-share weight)."
     subcommands = commands(show=QuotasShow, set=QuotasSet, clear=QuotasClear)
+
+
+# -- invites -------------------------------------------------------------------------------------------
+
+
+class InvitesCreate(Command):
+    description = "Create an invitation; its code is printed once (the link is <hub>/hub/invite/<code>)."
+    aliases = options("InvitesCreate", "expires_in_days", "note", "groups")
+    expires_in_days = Float(7.0, help="Days until the invitation expires.").tag(config=True)
+    note = Unicode("", help="A note for admins and the invited person (e.g. whom it is for).").tag(config=True)
+    groups = Unicode("", help="Comma-separated Hub groups the new user joins.").tag(config=True)
+
+    async def act(self, db) -> int:
+        from .login import store
+
+        fields = store.parse_invite_request({
+            "expires_in_days": self.expires_in_days, "note": self.note,
+            "groups": [g.strip() for g in self.groups.split(",") if g.strip()],
+        })
+        audit = {"actor": self.actor, "client_ip": None}
+        code, model = await db.run(lambda session: store.create_invite(session, audit=audit, **fields))
+        print(json.dumps({**model, "code": code}, indent=2) if self.json else code)
+        return 0
+
+
+class InvitesList(Command):
+    description = "List invitations, newest first (codes are never stored, so never shown)."
+    aliases = options("InvitesList", "status")
+    status = Enum(["active", "used", "expired", "revoked"], None, allow_none=True, help="Only these.").tag(
+        config=True
+    )
+
+    async def act(self, db) -> int:
+        from .login import store
+
+        rows = await db.run(store.list_invites, self.status)
+        self.show(rows, ["id", "prefix", "status", "expires_at", "created_by", "used_by", "groups", "note"])
+        return 0
+
+
+class InvitesRevoke(Command):
+    description = "Revoke an unused invitation: invites revoke ID"
+
+    async def act(self, db) -> int:
+        from .login import store
+
+        raw = self.argument("invite id")
+        if not raw.isdigit():
+            raise BadRequest("An invite id is a number.")
+        model = await db.run(store.revoke_invite, int(raw), {"actor": self.actor, "client_ip": None})
+        print(f"invite {model['id']}: {model['status']}")
+        return 0
+
+
+class InvitesCommand(Group):
+    description = "Create, list or revoke invitations (registration by invite)."
+    subcommands = commands(create=InvitesCreate, list=InvitesList, revoke=InvitesRevoke)
+
+
+# -- resources (presets and knowledge collections) -------------------------------------------------------
+
+
+class ResourcesList(KeyCommand):
+    description = "List a user's presets and collections (--user NAME), or everyone's without --user."
+    aliases = options("ResourcesList", "user")
+
+    async def act(self, db) -> int:
+        presets, knowledge = self.service.make_resources(db)
+        if self.user:
+            state = await self.owner()
+            rows = [{"user": state.name, "kind": "preset", "name": p["name"], "detail": p["model"]}
+                    for p in await presets.list(state.id)]
+            rows += [{"user": state.name, "kind": "collection", "name": c["name"], "detail": _size(c)}
+                     for c in await knowledge.list(state.id)]
+        else:
+            rows = [{"user": p["user"], "kind": "preset", "name": p["name"], "detail": p["model"]}
+                    for p in await presets.list_all()]
+            rows += [{"user": c["user"], "kind": "collection", "name": c["name"], "detail": _size(c)}
+                     for c in await knowledge.list_all()]
+        self.show(rows, ["user", "kind", "name", "detail"])
+        return 0
+
+
+def _size(collection: dict) -> str:
+    return f"{collection['documents']} documents, {collection['chunks']} chunks"
+
+
+class ResourcesDelete(KeyCommand):
+    description = ("Delete a user's data: one preset (--preset NAME), one collection (--collection NAME) or all of "
+                   "both (--all); audited.")
+    aliases = options("ResourcesDelete", "user", "preset", "collection")
+    flags = {**Command.flags, "all": ({"ResourcesDelete": {"delete_all": True}}, "Every preset and collection.")}
+    preset = Unicode("", help="The preset to delete.").tag(config=True)
+    collection = Unicode("", help="The collection to delete.").tag(config=True)
+    delete_all = Bool(False, help="Delete every preset and collection of the user.").tag(config=True)
+
+    async def act(self, db) -> int:
+        if sum(map(bool, (self.preset, self.collection, self.delete_all))) != 1:
+            raise BadRequest("Give one of --preset NAME, --collection NAME or --all.")
+        state = await self.owner()
+        presets, knowledge = self.service.make_resources(db)
+        audit = self.audit(state.name)
+        deleted_presets = deleted_collections = 0
+        if self.preset or self.delete_all:
+            deleted_presets = await presets.delete(state.id, self.preset or None, audit=audit)
+        if self.collection or self.delete_all:
+            deleted_collections = await knowledge.delete(state.id, self.collection or None, audit=audit)
+        print(f"deleted {deleted_presets} preset(s) and {deleted_collections} collection(s) of {state.name}")
+        return 0
+
+
+class ResourcesCommand(Group):
+    description = "List or delete a user's presets and knowledge collections."
+    subcommands = commands(list=ResourcesList, delete=ResourcesDelete)

@@ -55,6 +55,16 @@ def make_engine(url: str, *, pool_size: int = 8) -> Engine:
     return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
 
 
+def unavailable(exc: BaseException | None) -> bool:
+    """Whether `exc` means the database cannot be reached now (stopped, restarting, network gone, pool empty):
+    callers answer 503 and retry later, rather than failing as for a bug."""
+    from sqlalchemy import exc as sa
+
+    return isinstance(exc, sa.OperationalError | sa.InterfaceError | sa.TimeoutError) or (
+        isinstance(exc, sa.DBAPIError) and exc.connection_invalidated
+    )
+
+
 class DatabaseMissing(RuntimeError):
     """The configured database does not exist or has no (current) schema."""
 

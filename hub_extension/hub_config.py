@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -24,6 +25,8 @@ SERVICE_NAME = "inference"
 # A `python3` kernelspec that loads `kernel_ext` (`--InteractiveShellApp.extra_extensions`), shipped with the
 # package; spawned servers find it first through JUPYTER_PATH. Located without importing kernel_ext.
 KERNELSPEC_PATH = Path(__file__).resolve().parent.parent / "kernel_ext" / "share"
+# The example notebooks (`notebooks/*.ipynb`) each user finds in their file browser (`example_notebooks_hook`).
+NOTEBOOKS_PATH = Path(__file__).resolve().parent.parent / "notebooks"
 
 CUSTOM_SCOPES = {
     ADMIN_SCOPE: {"description": "Administer the inference service: users, keys, grants, audit."},
@@ -69,12 +72,16 @@ def configure(
     environment: dict[str, str] | None = None,
     extra_args: list[str] | None = None,
     load_kernel_extension: bool = True,
+    registration_mode: str = "open",
 ) -> dict:
     """Add the inference service to a Hub config `c`; returns the service entry.
 
     `roles` are extra Hub roles (config as code), e.g. a role that gives a group
     `custom:inference:embeddings`. They are added to `c.JupyterHub.load_roles` *and* handed to the service,
     which cannot otherwise learn which scopes a role holds.
+
+    `registration_mode` (open | approval | invite, as the login's `RegistrationMixin.registration_mode`): in
+    approval and invite modes a user the service sees first (through the API) is pending too, never active.
 
     `load_kernel_extension`: spawned servers' Python kernels load `kernel_ext` (so `%%chat` and the OpenAI
     variables work with no setup), and are told the service's URL (`INFERENCE_SERVICE_URL`: its own address,
@@ -112,6 +119,10 @@ def configure(
     for name in ("PATH", "HOME", "HF_HOME", "TRANSFORMERS_CACHE", "INFERENCE_LOG_LEVEL", "INFERENCE_STATE_DIR"):
         if name in os.environ:
             env.setdefault(name, os.environ[name])
+    if registration_mode not in ("open", "approval", "invite"):
+        raise ValueError(f"registration_mode must be open, approval or invite, not {registration_mode!r}")
+    if registration_mode != "open":
+        extra_args = [*(extra_args or []), "--UserDirectory.new_user_status=pending"]
     service = {
         "name": service_name,
         "url": f"http://127.0.0.1:{port}",
@@ -143,3 +154,22 @@ def _load_kernel_extension(c, service_name: str, service_url: str) -> None:
 def _get(c, name: str, empty):
     """A JupyterHub setting already in `c`, or `empty` (unset settings are lazy placeholders)."""
     return c.JupyterHub[name] if name in c.JupyterHub else empty
+
+
+def example_notebooks_hook(root: str | os.PathLike, notebooks: str | os.PathLike = NOTEBOOKS_PATH):
+    """A `Spawner.pre_spawn_hook`: each user's server opens in `<root>/<user name>`, which holds the example
+    notebooks. A notebook already there is the user's copy (perhaps edited): it is never overwritten."""
+    root = Path(root).resolve()
+
+    def copy_example_notebooks(spawner) -> None:
+        directory = (root / spawner.user.name).resolve()
+        if directory.parent != root:  # a name such as '..' must not lead out of `root`
+            raise ValueError(f"user name {spawner.user.name!r} is not usable as a directory name")
+        directory.mkdir(parents=True, exist_ok=True)
+        for source in sorted(Path(notebooks).glob("*.ipynb")):
+            target = directory / source.name
+            if not target.exists():
+                shutil.copyfile(source, target)
+        spawner.notebook_dir = str(directory)
+
+    return copy_example_notebooks

@@ -24,7 +24,7 @@ from traitlets.config import LoggingConfigurable
 
 from . import key_format
 from .api_keys import KeyManager
-from .errors import Forbidden, Unauthorized
+from .errors import Forbidden, ServiceUnavailable, Unauthorized
 from .orm import UserStatus
 from .permissions import PermissionPolicy
 from .scopes import ADMIN_LEVEL_HUB_SCOPES, inference_scopes
@@ -223,14 +223,27 @@ class IdentityProvider(LoggingConfigurable):
         return identity
 
     async def _from_hub(self, handler, token: str | None) -> Identity:
+        from tornado.web import HTTPError
+
+        try:
+            hub_user = await self._ask_hub(handler, token)
+        except HTTPError as e:  # HubAuth's answer when the Hub is unreachable or failing (its cache still works)
+            if e.status_code < 500:
+                raise
+            log.warning("the Hub could not check a credential: %s", e.log_message)
+            raise ServiceUnavailable("The Hub cannot be reached to check this credential; try again shortly.",
+                                     retry_after=5) from None
+        if not hub_user:
+            raise Unauthorized("Authentication required: a Hub token, a Hub login or an API key.")
+        return await self.hub_identity(hub_user, via="hub_token" if token else "hub_cookie")
+
+    async def _ask_hub(self, handler, token: str | None) -> dict | None:
         if token:  # a Hub API token in the header: asked of the Hub (cached), never falling back to a cookie
             hub_user = await self.hub_auth.user_for_token(token, sync=False)
             handler._token_authenticated = True  # JupyterHub's XSRF rules: token requests need no XSRF
         else:  # a browser with the Hub's OAuth cookie (HubOAuth applies the XSRF check for writes)
             hub_user = await self.hub_auth.get_user(handler, sync=False)
-        if not hub_user:
-            raise Unauthorized("Authentication required: a Hub token, a Hub login or an API key.")
-        return await self.hub_identity(hub_user, via="hub_token" if token else "hub_cookie")
+        return hub_user
 
     async def hub_identity(self, hub_user: dict, via: str) -> Identity:
         """The identity of a user the Hub vouched for, with the rights of that credential (its scopes)."""

@@ -14,6 +14,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -188,3 +189,103 @@ class Quota(Base):
     weight: Mapped[float | None] = mapped_column(Float, nullable=True)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
     updated_by: Mapped[str | None] = mapped_column(String(255), nullable=True)
+
+
+class Preset(Base):
+    """A user's named model + system prompt + generation parameters (`presets.py`); private to its owner."""
+
+    __tablename__ = "presets"
+    __table_args__ = (UniqueConstraint("user_id", "name", name="uq_presets_user_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=False)
+    name: Mapped[str] = mapped_column(String(64), nullable=False)
+    model: Mapped[str] = mapped_column(String(255), nullable=False)
+    system_prompt: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    parameters: Mapped[str] = mapped_column(Text, nullable=False, default="{}")  # JSON object
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+
+
+class Collection(Base):
+    """A user's knowledge collection (`knowledge.py`). `version` goes up with every change of its chunks, so a
+    process can tell its in-memory matrix of the embeddings is stale."""
+
+    __tablename__ = "collections"
+    __table_args__ = (UniqueConstraint("user_id", "name", name="uq_collections_user_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=False)
+    name: Mapped[str] = mapped_column(String(64), nullable=False)
+    description: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    embedding_model: Mapped[str] = mapped_column(String(255), nullable=False)
+    dimensions: Mapped[int | None] = mapped_column(Integer, nullable=True)  # set by the first document
+    version: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    documents: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    chunks: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+
+
+class CollectionDocument(Base):
+    """One document added to a collection; its text lives in its chunks."""
+
+    __tablename__ = "collection_documents"
+    __table_args__ = (Index("ix_collection_documents_collection", "collection_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    collection_id: Mapped[int] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"), nullable=False)
+    title: Mapped[str] = mapped_column(String(255), nullable=False, default="")
+    characters: Mapped[int] = mapped_column(Integer, nullable=False)
+    chunks: Mapped[int] = mapped_column(Integer, nullable=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+
+
+class CollectionChunk(Base):
+    """A piece of a document with its embedding: float32 bytes of a unit-length vector."""
+
+    __tablename__ = "collection_chunks"
+    __table_args__ = (
+        Index("ix_collection_chunks_collection", "collection_id", "id"),
+        Index("ix_collection_chunks_document", "document_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    collection_id: Mapped[int] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"), nullable=False)
+    document_id: Mapped[int] = mapped_column(
+        ForeignKey("collection_documents.id", ondelete="CASCADE"), nullable=False
+    )
+    position: Mapped[int] = mapped_column(Integer, nullable=False)  # the chunk's place in its document
+    text: Mapped[str] = mapped_column(Text, nullable=False)
+    embedding: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+
+
+class LocalAccount(Base):
+    """A local login (`login/local.py`): the argon2id hash of the password, never the password. The person's status
+    (active / pending / disabled) is the `users` row of the same name."""
+
+    __tablename__ = "local_accounts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True, nullable=False)
+    password_hash: Mapped[str] = mapped_column(String(255), nullable=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    password_changed_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+
+
+class Invite(Base):
+    """An invitation (`login/invites.py`): only the SHA-256 of its code is stored; used once, at most."""
+
+    __tablename__ = "invites"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    hashed: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)  # sha256 hex of the code
+    prefix: Mapped[str] = mapped_column(String(16), nullable=False)  # for display
+    note: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    groups: Mapped[list[str]] = mapped_column(JSON, nullable=False, default=list)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(255), nullable=False)
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False)
+    used_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    used_by: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)

@@ -15,7 +15,8 @@ with what its owner may do now, so taking a permission from a user takes it from
 
 Synchronous on purpose: checks read an in-memory snapshot of the grants table, so the hot path never waits
 on the database. The snapshot is loaded at start, reloaded right after a change made in this process, and
-reloaded every `reload_seconds` to see changes made by other replicas or the CLI.
+reloaded when another replica or the CLI announces a change (`notify.py`, PostgreSQL), and every
+`reload_seconds` in any case.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from sqlalchemy.orm import Session
 from traitlets import Bool, Dict, Float, List, default, validate
 from traitlets.config import LoggingConfigurable
 
+from . import notify
 from .audit import AuditLog
 from .db import Database
 from .errors import BadRequest, Conflict
@@ -399,6 +401,7 @@ class PermissionPolicy(LoggingConfigurable):
         if diff:
             action = "grants.set" if (changes or not replace) else "grants.delete"
             AuditLog.add(session, action=action, details={"subject_kind": subject_kind, "changes": diff}, **audit)
+            notify.publish(session, "grants")
         current = session.execute(
             select(Grant).where(Grant.subject_kind == subject_kind, Grant.subject == subject)
         ).scalars()

@@ -40,6 +40,7 @@ from sqlalchemy.orm import Session
 from traitlets import Float, Integer, validate
 from traitlets.config import LoggingConfigurable
 
+from . import notify
 from .audit import AuditLog
 from .db import Database
 from .errors import BadRequest, Conflict, RateLimited
@@ -541,3 +542,4 @@ class QuotaPolicy(LoggingConfigurable):
             row.updated_at, row.updated_by = utcnow(), audit["actor"]
         action = "quota.delete" if deleting else "quota.set"
         AuditLog.add(session, action=action, details={"subject_kind": kind, "changes": diff}, **audit)
+        notify.publish(session, "quotas")

@@ -27,9 +27,14 @@ class Services:
     usage: Any = None  # usage.UsageRecorder
     quotas: Any = None  # quotas.QuotaPolicy
     metrics: Any = None  # metrics.Metrics
+    presets: Any = None  # presets.PresetStore
+    knowledge: Any = None  # knowledge.KnowledgeBase
     max_body_bytes: int = 8 * 1024 * 1024
     trusted_proxies: tuple = ()  # net.parse_networks(InferenceService.trusted_proxies)
     usage_sinks: list = field(default_factory=list)
+    # Set on SIGTERM: requests in flight may finish (InferenceService.shutdown_grace_seconds), new ones get 503.
+    stopping: bool = False
+    in_flight: set = field(default_factory=set)  # the API handlers between prepare() and their end
 
     def record_usage(self, event: dict) -> None:
         """The seam for usage metering: handlers hand every request's event here (no I/O on this path)."""

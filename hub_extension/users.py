@@ -21,6 +21,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from traitlets import Enum, Float, Unicode, validate
 from traitlets.config import LoggingConfigurable
 
+from . import notify
 from .api_keys import revoke_keys
 from .audit import AuditLog
 from .db import Database
@@ -83,7 +84,9 @@ class UserDirectory(LoggingConfigurable):
     """
 
     cache_seconds = Float(
-        5.0, help="How long a user's state is cached per process (other replicas see changes within this)."
+        5.0,
+        help="""How long a user's state is cached per process. On PostgreSQL other replicas hear of a change at
+        once (`notify.py`); this bounds it when they cannot.""",
     ).tag(config=True)
 
     new_user_status = Enum(
@@ -127,6 +130,18 @@ class UserDirectory(LoggingConfigurable):
 
     def _changed(self) -> None:
         self._generation += 1
+
+    def forget(self, user_id: int) -> None:
+        """Drop one user's cached state (another replica changed it: `notify.py`)."""
+        self._changed()
+        entry = self._by_id.pop(user_id, None)
+        if entry is not None:
+            self._by_name.pop(entry[1].name, None)
+
+    def forget_all(self) -> None:
+        self._changed()
+        self._by_id.clear()
+        self._by_name.clear()
 
     def _fresh(self, entry: tuple[float, UserState] | None) -> UserState | None:
         if entry is not None and time.monotonic() - entry[0] < self.cache_seconds:
@@ -214,12 +229,15 @@ class UserDirectory(LoggingConfigurable):
         removed = session.execute(
             delete(Grant).where(Grant.subject_kind == "user", Grant.subject == row.name)
         ).rowcount
+        if removed:
+            notify.publish(session, "grants")
         AuditLog.add(session, action="user.deleted", details={"revoked_keys": len(hashes), "grants_removed": removed},
                      **audit)
         log.warning("user %s was deleted in the Hub: %d key(s) revoked", row.name, len(hashes))
         row.name = f"{row.name[:200]}/deleted-{row.id}"
         row.in_hub = False
         session.flush()
+        notify.publish(session, "user", row.id)
         return hashes
 
     # -- changes ------------------------------------------------------------------------------------
@@ -228,7 +246,8 @@ class UserDirectory(LoggingConfigurable):
         """An admin's `approve|deny|disable|enable`, audited in the same transaction (one entry per change).
 
         The cache is updated before returning, so every credential of the user (keys included) sees the new
-        status on its very next request in this process; other replicas within `cache_seconds`.
+        status on its very next request in this process; other replicas when notified (`notify.py`), at the latest
+        within `cache_seconds`.
         """
         if action not in STATUS_ACTIONS:
             raise NotFound(f"No such action: {action}")
@@ -249,6 +268,7 @@ class UserDirectory(LoggingConfigurable):
             AuditLog.add(session, action=f"user.{action}", details={"from": row.status, "to": target}, **audit)
             row.status = target
             session.flush()
+            notify.publish(session, "user", row.id)
         return UserState.from_row(row)
 
     async def list(self) -> list[dict]:
@@ -295,11 +315,13 @@ class UserDirectory(LoggingConfigurable):
             ):
                 row.hub_admin, row.hub_groups, row.hub_roles = bool(hub.get("admin")), groups, roles
                 changed.append(row.name)
+                notify.publish(session, "user", row.id)
             if created and not row.hub_created:
                 row.hub_created = created
             if row.in_hub != in_hub:
                 row.in_hub = in_hub
                 changed.append(row.name)
+                notify.publish(session, "user", row.id)
                 log.warning("user %s %s in the Hub", row.name, "restored" if in_hub else "blocked")
         session.flush()
         return changed, revoked

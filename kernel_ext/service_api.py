@@ -145,6 +145,45 @@ class InferenceClient:
     def models(self) -> list[dict]:
         return self.request("GET", "v1/models")["data"]
 
+    # -- presets and knowledge collections (feature `resources`) ------------------------------------------
+
+    def presets(self) -> list[dict]:
+        return self.request("GET", "api/presets")["presets"]
+
+    def create_preset(self, name: str, model: str, system_prompt: str = "", parameters: dict | None = None) -> dict:
+        """A preset, used in chat as `model="preset:<name>"`."""
+        body = {"name": name, "model": model, "system_prompt": system_prompt, "parameters": parameters or {}}
+        return self.request("POST", "api/presets", json=body)
+
+    def update_preset(self, name: str, **changes) -> dict:
+        """Change some of `name`, `model`, `system_prompt`, `parameters`."""
+        return self.request("PATCH", f"api/presets/{_name(name)}", json=changes)
+
+    def delete_preset(self, name: str) -> None:
+        self.request("DELETE", f"api/presets/{_name(name)}")
+
+    def collections(self) -> list[dict]:
+        return self.request("GET", "api/collections")["collections"]
+
+    def create_collection(self, name: str, description: str = "") -> dict:
+        return self.request("POST", "api/collections", json={"name": name, "description": description})
+
+    def delete_collection(self, name: str) -> None:
+        self.request("DELETE", f"api/collections/{_name(name)}")
+
+    def documents(self, collection: str) -> list[dict]:
+        return self.request("GET", f"api/collections/{_name(collection)}/documents")["documents"]
+
+    def add_documents(self, collection: str, documents) -> dict:
+        """`documents`: texts, or `{"text": ..., "title": ...}` objects; chunked and embedded by the service."""
+        body = {"documents": [d if isinstance(d, dict) else {"text": d} for d in documents]}
+        return self.request("POST", f"api/collections/{_name(collection)}/documents", json=body)
+
+    def search(self, collection: str, query: str, top_k: int = 5) -> list[dict]:
+        """The chunks most like `query`, best first (`text`, `score`, `document`)."""
+        body = {"query": query, "top_k": top_k}
+        return self.request("POST", f"api/collections/{_name(collection)}/search", json=body)["results"]
+
     # -- admins ---------------------------------------------------------------------------------------------
 
     def users(self, status: str | None = None) -> list[dict]:
@@ -195,6 +234,35 @@ class InferenceClient:
         """Replace the limits (`tokens_per_day`, `tokens_per_month`, `requests_per_minute`, `weight`; 0:
         unlimited, None: nothing at this level)."""
         return self.request("PUT", f"{_subject(kind, name)}/quota", json=limits)
+
+    def invites(self, status: str | None = None) -> list[dict]:
+        """Invitations, newest first; `status`: active, used, expired or revoked. Codes are never listed."""
+        return self.request("GET", "api/invites", params={"status": status})["invites"]
+
+    def create_invite(self, expires_in_days: float = 7, note: str = "", groups=None) -> dict:
+        """A new invitation; its `code` and `url` (the Hub's `/hub/invite/<code>`) are in this answer only."""
+        body = {"expires_in_days": expires_in_days, "note": note, "groups": list(groups or ())}
+        return self.request("POST", "api/invites", json=body)
+
+    def revoke_invite(self, invite_id: int) -> dict:
+        return self.request("DELETE", f"api/invites/{int(invite_id)}")
+
+    def reset_password(self, name: str, password: str | None = None) -> dict:
+        """Set a user's local password; without one a random one is made and answered (`"password"`) once."""
+        body = {} if password is None else {"password": password}
+        return self.request("POST", f"{_subject('user', name)}/password", json=body)
+
+    def all_resources(self) -> dict:
+        """Everyone's presets and collections, each with its `user`."""
+        return self.request("GET", "api/admin/resources")
+
+    def delete_user_resources(self, user: str, kind: str, name: str | None = None) -> int:
+        """Delete a user's preset or collection `name` (`kind` "presets" or "collections"), or all of that kind;
+        audited. Returns how many went."""
+        if kind not in ("presets", "collections"):
+            raise ValueError(f"kind must be 'presets' or 'collections', not {kind!r}")
+        path = f"{_subject('user', user)}/{kind}" + (f"/{_name(name)}" if name else "")
+        return self.request("DELETE", path)["deleted"]
 
 
 def _error(response: httpx.Response) -> InferenceError:

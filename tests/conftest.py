@@ -291,7 +291,7 @@ def _hub_config(tmp: Path, ports: dict, tokens: dict, sqlite_url: str, models: P
     return f"""
 import sys
 sys.path.insert(0, {str(ROOT)!r})
-from hub_extension.hub_config import configure, SERVICE_SCOPES, access_scope
+from hub_extension.hub_config import configure, SERVICE_SCOPES, access_scope, example_notebooks_hook
 
 c = get_config()
 c.JupyterHub.bind_url = "http://127.0.0.1:{ports['public']}"
@@ -307,6 +307,13 @@ c.SharedPasswordAuthenticator.user_password = "test-password-1"
 c.Authenticator.allow_all = True
 c.Authenticator.admin_users = {{"admin"}}
 c.JupyterHub.spawner_class = "simple"
+# Real single-user servers (tests/remote_kernel.py spawns them): each opens in its own notebook dir under the
+# test's tmp dir, where the hook of `make demo` put the example notebooks.
+c.Spawner.cmd = [{str(Path(sys.executable).parent / "jupyterhub-singleuser")!r}]
+c.Spawner.args = {["--allow-root"] if os.getuid() == 0 else []!r}
+c.SimpleLocalProcessSpawner.home_dir_template = {str(tmp / "home" / "{username}")!r}
+c.Spawner.pre_spawn_hook = example_notebooks_hook({str(tmp / "notebooks")!r})
+c.Spawner.start_timeout = c.Spawner.http_timeout = 180  # two busy cores
 c.JupyterHub.log_level = "WARN"
 configure(
     c,
@@ -314,6 +321,7 @@ configure(
     db_url={sqlite_url!r},
     models_config={str(models)!r},
     roles={TEST_ROLES!r},
+    load_kernel_extension=True,
     environment={{"INFERENCE_API_KEYS": {tokens['upstream']!r}}},  # the PostgreSQL instance's upstream key
     extra_args=[
         "--UserDirectory.sync_interval={HUB_SYNC_SECONDS}",
@@ -331,7 +339,7 @@ c.JupyterHub.services.append({{
 for role in c.JupyterHub.load_roles:
     if role["name"] in ("user", "server"):
         role["scopes"].append(access_scope("inference-pg"))
-c.JupyterHub.load_roles.append({{"name": "tester", "services": ["tester"], "scopes": ["admin:users", "admin:groups", "tokens", "list:users", "read:users", "admin:auth_state"]}})
+c.JupyterHub.load_roles.append({{"name": "tester", "services": ["tester"], "scopes": ["admin:users", "admin:groups", "tokens", "list:users", "read:users", "admin:auth_state", "servers"]}})
 c.JupyterHub.load_roles.append({{"name": "inference-pg-service", "services": ["inference-pg"], "scopes": SERVICE_SCOPES}})
 """
 
@@ -419,19 +427,24 @@ def hub(tmp_path_factory, model_config_file, pg_url):  # noqa: F811
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
-        for pid in left_behind(tmp / "proxy.pid", f"--InferenceService.port={ports['service']}"):
+        hub_api = f"JUPYTERHUB_API_URL=http://127.0.0.1:{ports['hub']}/hub/api"
+        for pid in left_behind(tmp / "proxy.pid", f"--InferenceService.port={ports['service']}", hub_api):
             os.kill(pid, signal.SIGTERM)
 
 
-def left_behind(proxy_pid_file: Path, service_marker: str) -> list[int]:
-    """What a Hub that did not stop cleanly left running: its proxy (its pid file outlives it) and the service it
-    started (found by the port in its command line). Only processes this test session started."""
+def left_behind(proxy_pid_file: Path, service_marker: str, server_marker: str = "") -> list[int]:
+    """What a Hub that did not stop cleanly left running: its proxy (its pid file outlives it), the service it
+    started (found by the port in its command line) and single-user servers and their kernels (found by the Hub's
+    API URL in their environment, `server_marker`). Only processes this test session started."""
     pids = []
     if proxy_pid_file.exists():
         pids.append(int(proxy_pid_file.read_text().strip() or 0))
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and service_marker.encode() in (entry / "cmdline").read_bytes():
+            if entry.name.isdigit() and (
+                service_marker.encode() in (entry / "cmdline").read_bytes()
+                or server_marker and (server_marker.encode() + b"\0") in (entry / "environ").read_bytes()
+            ):
                 pids.append(int(entry.name))
         except OSError:  # gone meanwhile
             continue
@@ -444,14 +457,26 @@ def instance(request, hub) -> Instance:
     return hub.instances[request.param]
 
 
+@pytest.fixture(scope="session")
+def notebook_servers(hub) -> dict:
+    """Real single-user servers the Hub spawned, one per role: `user` (a new user) and `admin` (a new service
+    admin); shared by the notebook and JupyterLab tests, stopped at the end (tests/remote_kernel.py)."""
+    from remote_kernel import spawned_servers
+
+    with spawned_servers(hub, user=hub.new_user("nb"), admin=hub.new_admin()) as servers:
+        yield servers
+
+
 
 
 # -- a real browser ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def browser():
-    """One headless Chromium for the session (Playwright with the system browser)."""
+    """A headless Chromium for one test (Playwright with the system browser). Per test, not per session: sync
+    Playwright keeps an event loop running on this thread while it is started, which would break every later
+    `asyncio.run` (the admin commands) and async test; starting it costs about half a second."""
     from browser import launch
     from playwright.sync_api import sync_playwright
 

@@ -35,6 +35,7 @@ def admin_route(status: int) -> tuple:
 # (route pattern, method, path, JSON body, statuses in COLUMNS order). Rows run in this order.
 ROWS = [
     ("/health", "GET", "health", None, (200,) * 10),
+    ("/openapi.json", "GET", "openapi.json", None, (200,) * 10),
     ("/oauth_callback", "GET", "oauth_callback", None, (400,) * 10),  # the Hub's OAuth handler: no code, 400
     # The account page (browser, Hub login only): no Hub login redirects to it; a disabled user is told so; the
     # page is a shell whose data comes from /api (which applies permissions), so other Hub users get the shell.
@@ -106,8 +107,52 @@ ROWS = [
     ("/api/quotas/default", "PUT", "api/quotas/default", {"weight": 1}, admin_route(200)),  # the setting's value
     ("/api/quotas/default", "PUT", "api/quotas/default", {"weight": "heavy"}, admin_route(400)),
     ("/api/quotas/default", "DELETE", "api/quotas/default", None, admin_route(200)),
+    # -- registration rows (issue 10: invites, local passwords) --
+    ("/api/invites", "GET", "api/invites", None, admin_route(200)),
+    ("/api/invites", "GET", "api/invites?status=lost", None, admin_route(400)),
+    ("/api/invites", "POST", "api/invites", {"note": "matrix", "groups": ["matrix"]}, admin_route(201)),
+    ("/api/invites", "POST", "api/invites", {"expires_in_days": 0}, admin_route(400)),
+    ("/api/invites/([^/]+)", "DELETE", f"api/invites/{NO_KEY}", None, admin_route(404)),
+    ("/api/invites/([^/]+)", "DELETE", "api/invites/first", None, admin_route(400)),
+    ("/api/users/([^/]+)/password", "POST", "api/users/{victim}/password", {}, admin_route(200)),
+    ("/api/users/([^/]+)/password", "POST", "api/users/{victim}/password", {"password": "short"}, admin_route(400)),
+    ("/api/users/([^/]+)/password", "POST", "api/users/no-such-user-{nonce}/password", {}, admin_route(404)),
     # -- metrics rows (issue 9: /metrics) --
     ("/metrics", "GET", "metrics", None, admin_route(200)),  # Metrics.auth = admin (the default)
+    # -- resources rows (issue 12: presets and knowledge collections; feature `resources`) --
+    ("/api/presets", "GET", "api/presets", None, (401, 401, 403, 200, 200, 403, 403, 200, 200, 403)),
+    ("/api/presets", "POST", "api/presets", {"name": "m", "model": "tiny-chat"},
+     (401, 401, 403, 400, 201, 403, 403, 201, 201, 403)),  # no_model: the preset's model is not theirs
+    ("/api/presets/([^/]+)", "GET", "api/presets/m", None, (401, 401, 403, 404, 200, 403, 403, 200, 200, 403)),
+    ("/api/presets/([^/]+)", "PATCH", "api/presets/m", {"system_prompt": "s"},
+     (401, 401, 403, 404, 200, 403, 403, 200, 200, 403)),
+    ("/api/presets/([^/]+)", "PUT", "api/presets/m", {"name": "m", "model": "tiny-chat"},
+     (401, 401, 403, 400, 200, 403, 403, 200, 200, 403)),
+    ("/api/presets/([^/]+)", "DELETE", "api/presets/m", None, (401, 401, 403, 404, 204, 403, 403, 204, 204, 403)),
+    ("/api/collections", "GET", "api/collections", None, (401, 401, 403, 200, 200, 403, 403, 200, 200, 403)),
+    ("/api/collections", "POST", "api/collections", {"name": "m"}, (401, 401, 403, 201, 201, 403, 403, 201, 201, 403)),
+    ("/api/collections/([^/]+)", "GET", "api/collections/m", None, (401, 401, 403, 200, 200, 403, 403, 200, 200, 403)),
+    ("/api/collections/([^/]+)/documents", "GET", "api/collections/m/documents", None,
+     (401, 401, 403, 200, 200, 403, 403, 200, 200, 403)),
+    ("/api/collections/([^/]+)/documents", "POST", "api/collections/m/documents", {"documents": ["hello world"]},
+     (401, 401, 403, 201, 201, 403, 403, 201, 201, 403)),
+    ("/api/collections/([^/]+)/search", "POST", "api/collections/m/search", {"query": "hello", "top_k": 1},
+     (401, 401, 403, 200, 200, 403, 403, 200, 200, 403)),
+    ("/api/collections/([^/]+)/documents/([^/]+)", "DELETE", f"api/collections/m/documents/{NO_KEY}", None,
+     (401, 401, 403, 404, 404, 403, 403, 404, 404, 403)),
+    ("/api/collections/([^/]+)", "DELETE", "api/collections/m", None,
+     (401, 401, 403, 204, 204, 403, 403, 204, 204, 403)),
+    ("/api/admin/resources", "GET", "api/admin/resources", None, admin_route(200)),
+    ("/api/users/([^/]+)/presets", "GET", "api/users/{victim}/presets", None, admin_route(200)),
+    ("/api/users/([^/]+)/presets", "DELETE", "api/users/{victim}/presets", None, admin_route(200)),
+    ("/api/users/([^/]+)/presets/([^/]+)", "GET", "api/users/{victim}/presets/none", None, admin_route(404)),
+    ("/api/users/([^/]+)/presets/([^/]+)", "DELETE", "api/users/{victim}/presets/none", None, admin_route(404)),
+    ("/api/users/([^/]+)/collections", "GET", "api/users/{victim}/collections", None, admin_route(200)),
+    ("/api/users/([^/]+)/collections", "DELETE", "api/users/{victim}/collections", None, admin_route(200)),
+    ("/api/users/([^/]+)/collections/([^/]+)", "GET", "api/users/{victim}/collections/none", None,
+     admin_route(404)),
+    ("/api/users/([^/]+)/collections/([^/]+)", "DELETE", "api/users/{victim}/collections/none", None,
+     admin_route(404)),
     # Not a route: the fallback handler authenticates (and applies view-as) before its 404.
     (None, "GET", "no/such/route", None, (401, 401, 404, 404, 404, 404, 403, 404, 404, 403)),
 ]

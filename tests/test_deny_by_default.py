@@ -89,7 +89,7 @@ def dead_credentials(hub):
 def test_public_routes_are_the_explicit_list(hub):
     app = hub.instances["postgresql"].app
     public = {p for p, h in app.routes() if h is OAuthCallbackHandler or (issubclass(h, APIHandler) and h.auth is Auth.PUBLIC)}
-    assert public == set(PUBLIC_ROUTES) == {"/health", "/oauth_callback"}
+    assert public == set(PUBLIC_ROUTES) == {"/health", "/oauth_callback", "/openapi.json"}
     pages = {p for p, h in app.routes() if not issubclass(h, APIHandler) and h is not OAuthCallbackHandler}
     assert pages == {"/"}  # walked below: it redirects to the Hub's login
 

@@ -2,7 +2,7 @@
 
 Requests go through the Hub's proxy to the real models; the service records them, flushes them in batches (about
 every second) and the reports must then add up to exactly what the responses reported. The account page's chart is
-drawn by its own script in a real headless Chromium, driven over the DevTools protocol.
+drawn by its own script in a real headless Chromium, driven by Playwright (the `page` fixture).
 """
 
 from __future__ import annotations
@@ -13,18 +13,12 @@ import datetime as dt
 import io
 import itertools
 import json
-import os
-import shutil
-import signal
-import subprocess
-import time
 from collections import Counter
-from urllib.parse import quote, urlparse
 
-import pytest
 import requests
+from browser import screenshot
 from conftest import bearer, new_key, run_command, wait_for
-from tornado.websocket import websocket_connect
+from test_jupyterlab_e2e import log_in
 
 from hub_extension.db import Database
 from hub_extension.usage import UsageRecorder
@@ -214,71 +208,17 @@ def test_cli_usage(db_url, capsys):
 # -- the account page in a real browser ------------------------------------------------------------
 
 
-class DevTools:
-    """Chromium's DevTools protocol over tornado's websocket client: just enough to drive one page."""
-
-    def __init__(self, ws):
-        self.ws, self.ids, self.problems = ws, itertools.count(1), []
-
-    async def call(self, method: str, **params):
-        call_id = next(self.ids)
-        await self.ws.write_message(json.dumps({"id": call_id, "method": method, "params": params}))
-        while True:
-            message = await self.ws.read_message()
-            assert message is not None, "the DevTools connection closed"
-            data = json.loads(message)
-            if data.get("method") == "Runtime.exceptionThrown":
-                self.problems.append(data["params"]["exceptionDetails"])
-            elif data.get("method") == "Log.entryAdded" and data["params"]["entry"]["source"] == "security":
-                self.problems.append(data["params"]["entry"])  # a CSP violation
-            if data.get("id") == call_id:
-                assert "error" not in data, (method, data["error"])
-                return data["result"]
-
-    async def evaluate(self, expression: str):
-        result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True)
-        return result["result"].get("value")
-
-    async def wait(self, expression: str, timeout: float = 60):
-        deadline = time.monotonic() + timeout
-        while not (value := await self.evaluate(expression)):
-            assert time.monotonic() < deadline, f"timed out waiting for {expression}"
-            await asyncio.sleep(0.2)
-        return value
-
-
-def start_chromium(tmp_path) -> tuple[subprocess.Popen, str]:
-    """Headless Chromium with a fresh profile; returns the process and its first page's DevTools websocket URL."""
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
-    if binary is None:
-        pytest.fail("chromium is missing: run `make setup`")
-    profile = tmp_path / "chromium"
-    proc = subprocess.Popen(
-        [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-proxy-server",
-         "--no-first-run", "--remote-debugging-port=0", f"--user-data-dir={profile}", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    active = profile / "DevToolsActivePort"
-    port = wait_for(lambda: active.exists() and active.read_text().split("\n")[0], timeout=60, what="chromium")
-    pages = wait_for(lambda: [t for t in requests.get(f"http://127.0.0.1:{port}/json/list", timeout=5).json()
-                              if t["type"] == "page"], timeout=30, what="chromium's first page")
-    return proc, pages[0]["webSocketDebuggerUrl"]
-
-
-async def draw_account_page(hub, page_url: str, ws_url: str, user: str) -> dict:
-    """Log in with the Hub's form, open the account page, wait for its chart: what the page shows."""
-    tools = DevTools(await websocket_connect(ws_url, max_message_size=64 * 1024 * 1024))
-    for domain in ("Page", "Runtime", "Log"):
-        await tools.call(f"{domain}.enable")
-    await tools.call("Page.navigate", url=f"{hub.url}/hub/login?next={quote(urlparse(page_url).path)}")
-    await tools.wait("document.readyState === 'complete' && !!document.querySelector('input[name=password]')")
-    await tools.evaluate(f"""
-        document.querySelector('input[name=username]').value = {json.dumps(user)};
-        document.querySelector('input[name=password]').value = 'test-password-1';
-        document.querySelector('input[name=password]').form.submit();""")
-    await tools.wait(f"location.href === {json.dumps(page_url)} && !!document.querySelector('#usage-chart svg')"
-                     " && document.querySelectorAll('#quota tr').length === 3")
-    shown = await tools.evaluate("""({
+def draw_account_page(page, hub, page_url: str, user: str) -> dict:
+    """Log in with the Hub's form, open the account page, wait for its chart: what the page shows, and any
+    script error or Content-Security-Policy violation the browser reported."""
+    problems = []
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    page.on("console", lambda m: problems.append(m.text) if "Content Security Policy" in m.text else None)
+    log_in(page, hub, user, page_url)
+    page.wait_for_url(page_url)
+    page.wait_for_function("!!document.querySelector('#usage-chart svg')"
+                           " && document.querySelectorAll('#quota tr').length === 3")
+    shown = page.evaluate("""() => ({
         days: document.querySelector('#usage-chart svg').dataset.days,
         bars: [...document.querySelectorAll('#usage-chart rect[data-day]')].map(
             r => [r.dataset.day, r.dataset.model, r.getAttribute('height') > 0]),
@@ -288,22 +228,17 @@ async def draw_account_page(hub, page_url: str, ws_url: str, user: str) -> dict:
             tr => [...tr.children].map(td => td.textContent)),
         quota: [...document.querySelectorAll('#quota tr')].map(tr => [...tr.children].map(td => td.textContent)),
     })""")
-    tools.ws.close()
-    return shown | {"problems": tools.problems}
+    screenshot(page, "account-page-usage-chart")
+    return shown | {"problems": problems}
 
 
-def test_account_page_chart_in_chromium(hub, tmp_path):
+def test_account_page_chart_in_chromium(hub, page):
     instance = hub.instances["sqlite"]  # the Hub-managed service, as deployed
     user = hub.new_user("chart")
     token = hub.api.user_token(user)
     spent = spend(instance.url, token, chats=2)
     settled(instance.url, bearer(token), total(spent))
-    proc, ws_url = start_chromium(tmp_path)
-    try:
-        shown = asyncio.run(draw_account_page(hub, instance.url, ws_url, user))
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
+    shown = draw_account_page(page, hub, instance.url, user)
     assert shown["problems"] == []
     assert shown["days"] == "30"
     assert {model for _day, model, tall in shown["bars"] if tall} == {"tiny-chat", "minilm"}

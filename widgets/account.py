@@ -69,6 +69,33 @@ def key_rows(keys: list[dict], revoke) -> list[w.Widget]:
     return rows or [w.HTML(style.note("No keys."))]
 
 
+def resource_rows(items: list[dict], label, delete, empty: str) -> list[w.Widget]:
+    """One line per preset or collection with its own Delete button, which calls `delete(name)`."""
+    rows = []
+    for item in items:
+        button = w.Button(description="Delete", button_style="danger", layout=style.button())
+        button.on_click(lambda _b, name=item["name"]: delete(name))
+        rows.append(w.HBox([w.HTML(label(item)), button], layout=style.row()))
+    return rows or [w.HTML(style.note(empty))]
+
+
+def preset_label(preset: dict) -> str:
+    prompt = preset["system_prompt"]
+    prompt = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+    return (f"<b>{html.escape(preset['name'])}</b> <code>preset:{html.escape(preset['name'])}</code> · "
+            f"{html.escape(preset['model'])} · {html.escape(prompt or 'no system prompt')}")
+
+
+def collection_label(collection: dict) -> str:
+    return (f"<b>{html.escape(collection['name'])}</b> · {collection['documents']} documents, "
+            f"{collection['chunks']} chunks · {html.escape(collection['embedding_model'])}")
+
+
+def results_html(results: list[dict]) -> str:
+    rows = [(f"{r['score']:.3f}", r["document"]["title"] or f"#{r['document']['id']}", r["text"]) for r in results]
+    return style.table(("score", "document", "text"), rows)
+
+
 class AccountPanel(style.Panel):
     """The account page of the service, in a notebook. `client`: default, the kernel's own (from_environment)."""
 
@@ -101,6 +128,7 @@ class AccountPanel(style.Panel):
             self.secret_view,
             self.dismiss_button,
         ], layout=style.column())
+        self.resources_section = self._resources_section()
         self.usage = w.HTML()
         self.quota = w.HTML()
         self.refresh_button = w.Button(description="Refresh", icon="refresh", layout=style.button())
@@ -109,6 +137,7 @@ class AccountPanel(style.Panel):
             self.identity,
             w.HTML(style.heading("What you may use")), self.permissions,
             self.keys_section,
+            self.resources_section,
             w.HTML(style.heading("Usage, last 30 days")), self.usage,
             w.HTML(style.heading("Quota")), self.quota,
             self.refresh_button,
@@ -145,6 +174,56 @@ class AccountPanel(style.Panel):
         self.client.revoke_key(key_id)
         self._load_keys()
 
+    @style.action
+    def create_preset(self, _button=None) -> None:
+        name = self.preset_name.value.strip()
+        if not name or not self.preset_model.value:
+            raise ValueError("Give the preset a name and pick a model.")
+        self.client.create_preset(name, self.preset_model.value, self.preset_prompt.value)
+        self.preset_name.value = self.preset_prompt.value = ""
+        self._load_resources()
+
+    @style.action
+    def delete_preset(self, name: str) -> None:
+        self.client.delete_preset(name)
+        self._load_resources()
+
+    @style.action
+    def create_collection(self, _button=None) -> None:
+        name = self.collection_name.value.strip()
+        if not name:
+            raise ValueError("Give the collection a name.")
+        self.client.create_collection(name)
+        self.collection_name.value = ""
+        self._load_resources()
+        self.collection_pick.value = name
+
+    @style.action
+    def delete_collection(self, name: str) -> None:
+        self.client.delete_collection(name)
+        self._load_resources()
+
+    @style.action
+    def add_document(self, _button=None) -> None:
+        """The text in the document box, into the picked collection (chunked and embedded by the service)."""
+        if not self.collection_pick.value:
+            raise ValueError("Create a collection first.")
+        text = self.document_text.value
+        if not text.strip():
+            raise ValueError("Paste the document's text first.")
+        self.client.add_documents(self.collection_pick.value, [{"text": text, "title": self.document_title.value}])
+        self.document_text.value = self.document_title.value = ""
+        self._load_resources()
+
+    @style.action
+    def search(self, _button=None) -> None:
+        if not self.collection_pick.value:
+            raise ValueError("Create a collection first.")
+        if not self.search_query.value.strip():
+            raise ValueError("Type what to search for.")
+        self.search_results.value = results_html(
+            self.client.search(self.collection_pick.value, self.search_query.value, self.search_top_k.value))
+
     # -- loading ---------------------------------------------------------------------------------------------
 
     def _load(self) -> None:
@@ -163,8 +242,65 @@ class AccountPanel(style.Panel):
             self.key_features.options = [f for f, d in perms["features"].items() if d["allowed"]]
             self.key_models.options = [m for m, d in perms["models"].items() if d["allowed"]]
             self._load_keys()
+        self.resources_section.layout.display = "none" if no_auth or not perms["features"].get(
+            "resources", {}).get("allowed") else None
+        if self.resources_section.layout.display is None:
+            self.preset_model.options = [m["id"] for m in self.client.models() if m.get("task") == "chat"]
+            self._load_resources()
         self._section(self.usage, lambda: usage_html(self.client.usage(group_by="model", bucket="day")))
         self._section(self.quota, lambda: quota_html(self.client.quota()))
+
+    def _resources_section(self) -> w.VBox:
+        """Presets (a model, a system prompt, used as `preset:<name>`) and knowledge collections."""
+        self.preset_rows = w.VBox(layout=style.column())
+        self.preset_name = w.Text(description="Name", placeholder="brief", style=style.describe(),
+                                  layout=style.field())
+        self.preset_model = w.Dropdown(description="Model", style=style.describe(), layout=style.field())
+        self.preset_prompt = w.Textarea(description="System prompt", style=style.describe(), layout=style.field())
+        self.preset_button = w.Button(description="Create preset", button_style="primary", layout=style.button())
+        self.preset_button.on_click(self.create_preset)
+        self.collection_rows = w.VBox(layout=style.column())
+        self.collection_name = w.Text(description="Name", placeholder="notes", style=style.describe(),
+                                      layout=style.field())
+        self.collection_button = w.Button(description="Create collection", button_style="primary",
+                                          layout=style.button())
+        self.collection_button.on_click(self.create_collection)
+        self.collection_pick = w.Dropdown(description="Collection", style=style.describe(), layout=style.field())
+        self.document_title = w.Text(description="Title", style=style.describe(), layout=style.field())
+        self.document_text = w.Textarea(description="Document", style=style.describe(), layout=style.field())
+        self.document_button = w.Button(description="Add document", layout=style.button())
+        self.document_button.on_click(self.add_document)
+        self.search_query = w.Text(description="Search", placeholder="what to look for", style=style.describe(),
+                                   layout=style.field())
+        self.search_top_k = w.BoundedIntText(value=5, min=1, max=50, description="Results", style=style.describe(),
+                                             layout=style.field())
+        self.search_button = w.Button(description="Search", layout=style.button())
+        self.search_button.on_click(self.search)
+        self.search_results = w.HTML()
+        return w.VBox([
+            w.HTML(style.heading("Your presets") + style.note(
+                "Use one in chat as model \"preset:<name>\": its model, system prompt and parameters apply.")),
+            self.preset_rows,
+            w.HBox([self.preset_name, self.preset_model], layout=style.row()),
+            self.preset_prompt, self.preset_button,
+            w.HTML(style.heading("Your knowledge collections")), self.collection_rows,
+            w.HBox([self.collection_name, self.collection_button], layout=style.row()),
+            self.collection_pick,
+            w.HBox([self.document_title, self.document_button], layout=style.row()), self.document_text,
+            w.HBox([self.search_query, self.search_top_k, self.search_button], layout=style.row()),
+            self.search_results,
+        ], layout=style.column())
+
+    def _load_resources(self) -> None:
+        self.preset_rows.children = resource_rows(self.client.presets(), preset_label, self.delete_preset,
+                                                  "No presets.")
+        collections = self.client.collections()
+        self.collection_rows.children = resource_rows(collections, collection_label, self.delete_collection,
+                                                      "No collections.")
+        picked = self.collection_pick.value
+        self.collection_pick.options = [c["name"] for c in collections]
+        if picked in self.collection_pick.options:
+            self.collection_pick.value = picked
 
     def _load_keys(self) -> None:
         self.key_rows.children = key_rows(self.client.keys(), self.revoke_key)

@@ -1,5 +1,5 @@
 """`AdminPanel`: users (search, filters, status), grants per user and group, a user's keys, the audit log,
-view as a user, usage by user and model, and quotas; for the service's administrators only.
+view as a user, usage by user and model, quotas and invitations; for the service's administrators only.
 
 As in `AccountPanel`, every button calls a method of the panel, and data comes only through the client.
 """
@@ -22,7 +22,7 @@ LAST_SEEN = (("any time", None), ("in the last day", 1), ("in the last 7 days", 
 STATUS_ACTIONS = ("approve", "deny", "disable", "enable")
 GRANT_VALUES = (("allow", True), ("deny", False), ("clear", None))
 QUOTA_FIELDS = ("tokens_per_day", "tokens_per_month", "requests_per_minute", "weight")
-TABS = ("Users", "Grants", "Keys", "Audit", "Usage", "Quotas")
+TABS = ("Users", "Grants", "Keys", "Audit", "Usage", "Quotas", "Invites", "Resources")
 
 
 def last_seen(user: dict) -> dt.datetime | None:
@@ -74,7 +74,9 @@ class AdminPanel(style.Panel):
         self.view_panel: AccountPanel | None = None
         self.notice = w.HTML()
         self.tabs = w.Tab(children=[self._users_tab(), self._grants_tab(), self._keys_tab(), self._audit_tab(),
-                                    self._usage_tab(), self._quotas_tab()], titles=TABS, layout=style.hidden())
+                                    self._usage_tab(), self._quotas_tab(), self._invites_tab(),
+                                    self._resources_tab()], titles=TABS,
+                           layout=style.hidden())
         self.view_box = w.VBox(layout=style.column())
         super().__init__("Inference administration", [self.notice, self.tabs, self.view_box])
         self.refresh()
@@ -163,6 +165,35 @@ class AdminPanel(style.Panel):
             w.HTML(style.note("0: unlimited; empty: nothing at this level (the group or default decides).")),
             action_button("Save limits", self.set_quota, button_style="primary"),
             self.quota_view,
+        ], layout=style.column())
+
+    def _invites_tab(self) -> w.Widget:
+        self.invite_note = labelled("Note", placeholder="whom it is for")
+        self.invite_groups = labelled("Groups", placeholder="comma-separated")
+        self.invite_days = labelled("Expires (days)", w.BoundedIntText, value=7, min=1, max=365)
+        self.invite_link = w.HTML()
+        self.invites_view = w.HTML()
+        self.invite_choice = labelled("Invite", w.Dropdown, options=[])
+        return w.VBox([
+            w.HBox([self.invite_note, self.invite_groups, self.invite_days,
+                    action_button("Create invite", self.create_invite, button_style="primary")], layout=style.row()),
+            self.invite_link,
+            w.HBox([self.invite_choice, action_button("Revoke", self.revoke_invite),
+                    action_button("Reload", self.load_invites, icon="refresh")], layout=style.row()),
+            self.invites_view,
+        ], layout=style.column())
+
+    def _resources_tab(self) -> w.Widget:
+        """Everyone's presets and knowledge collections; deleting a user's is audited."""
+        self.resources_view = w.HTML()
+        self.resource_user = labelled("User")
+        self.resource_kind = labelled("Kind", w.Dropdown, options=("presets", "collections"))
+        self.resource_name = labelled("Name", placeholder="empty: all of them")
+        return w.VBox([
+            action_button("Reload", self.load_resources, icon="refresh"),
+            self.resources_view,
+            w.HBox([self.resource_user, self.resource_kind, self.resource_name,
+                    action_button("Delete", self.delete_resources, button_style="danger")], layout=style.row()),
         ], layout=style.column())
 
     # -- actions (what the buttons call) ---------------------------------------------------------------------
@@ -270,6 +301,52 @@ class AdminPanel(style.Panel):
         limits = {f: optional_number(self.quota_fields[f].value, f) for f in QUOTA_FIELDS}
         self._show_quota(lambda kind, name: self.client.set_subject_quota(kind, name, limits))
 
+    @style.action
+    def create_invite(self) -> None:
+        """A new invitation; its link is shown here once (the service keeps only a hash of it)."""
+        groups = [g.strip() for g in self.invite_groups.value.split(",") if g.strip()]
+        invite = self.client.create_invite(self.invite_days.value, self.invite_note.value.strip(), groups)
+        self.invite_link.value = style.secret_html(invite["url"])
+        self.invite_note.value = self.invite_groups.value = ""
+        self.load_invites()
+
+    @style.action
+    def revoke_invite(self) -> None:
+        if self.invite_choice.value is None:
+            raise ValueError("Pick an active invite.")
+        self.client.revoke_invite(self.invite_choice.value)
+        self.load_invites()
+
+    @style.action
+    def load_invites(self) -> None:
+        invites = self.client.invites()
+        self.invites_view.value = style.table(
+            ("id", "status", "note", "groups", "expires", "used by", "created by"),
+            [(i["id"], i["status"], i["note"], ", ".join(i["groups"]), i["expires_at"], i["used_by"] or "",
+              i["created_by"]) for i in invites],
+        )
+        self.invite_choice.options = [("pick one", None), *((f"{i['id']}: {i['note'] or i['prefix']}", i["id"])
+                                                           for i in invites if i["status"] == "active")]
+
+    @style.action
+    def load_resources(self) -> None:
+        everyone = self.client.all_resources()
+        self.resources_view.value = (
+            style.heading("Presets") + style.table(("user", "name", "model", "system prompt"), [
+                (p["user"], p["name"], p["model"], p["system_prompt"][:60]) for p in everyone["presets"]])
+            + style.heading("Knowledge collections") + style.table(("user", "name", "documents", "chunks"), [
+                (c["user"], c["name"], c["documents"], c["chunks"]) for c in everyone["collections"]]))
+
+    @style.action
+    def delete_resources(self) -> None:
+        """Delete the user's preset or collection named in the form, or all of that kind (audited)."""
+        user = self._form_name(self.resource_user)
+        deleted = self.client.delete_user_resources(user, self.resource_kind.value,
+                                                    self.resource_name.value.strip() or None)
+        self.notice.value = style.note(f"Deleted {deleted} {self.resource_kind.value} of {user}.")
+        self.resource_name.value = ""
+        self.load_resources()
+
     # -- loading -----------------------------------------------------------------------------------------------
 
     def _load(self) -> None:
@@ -283,6 +360,8 @@ class AdminPanel(style.Panel):
             self.notice.value = style.note(f"Signed in as {me['name']} (administrator).")
             self.tabs.layout.display = None
             self._load_users()
+            self.load_invites()
+            self.load_resources()
 
     def _refuse(self, message: str) -> None:
         self.notice.value = style.note(message)

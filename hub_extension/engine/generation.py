@@ -133,8 +133,9 @@ class Generation:
         if error is not None:
             choice.finish_reason = "error"
             self._cancel(choice)  # the engine may still count it
-            self._close_choice(choice)
+            # The error before the end-of-stream marker `_close_choice` may queue, or the reader never sees it.
             self._queue.put_nowait(EngineError(f"Generation failed: {error}"))
+            self._close_choice(choice)
             return
         if new and self.first_token_at is None:
             self.first_token_at = time.perf_counter()

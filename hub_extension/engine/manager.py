@@ -63,10 +63,16 @@ class ModelManager:
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load the `load: startup` models (in threads, one after another) and start the idle reaper."""
+        """Load the `load: startup` models (in threads, one after another) and start the idle reaper.
+
+        A model that fails to load is logged and skipped: the others still serve, and it answers 503 (another
+        load is tried per request, so one fixed meanwhile, e.g. a file restored, comes back without a restart)."""
         for slot in self._slots.values():
             if slot.spec.load == "startup":
-                await self._ensure_loaded(slot)
+                try:
+                    await self._ensure_loaded(slot)
+                except ServiceUnavailable:
+                    continue
         if any(s.spec.idle_unload_seconds > 0 for s in self._slots.values()):
             self._reaper = asyncio.create_task(self._reap_idle())
 
@@ -153,8 +159,6 @@ class ModelManager:
             except Exception as e:
                 slot.error = f"{type(e).__name__}: {e}"
                 log.error("model %r failed to load: %s", spec.name, slot.error)
-                if spec.load == "startup":
-                    raise
                 raise ServiceUnavailable(
                     f"The model '{spec.name}' could not be loaded.", retry_after=30
                 ) from e

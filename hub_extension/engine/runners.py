@@ -172,7 +172,22 @@ class ContinuousBatchingRunner(Runner):
         with torch.inference_mode():
             self.manager.start()
 
+    def _ensure_running(self) -> None:
+        """An error inside a batch kills the manager's thread (its requests get the error); start a new one, so
+        the next request is served instead of waiting forever on a loop that is gone."""
+        manager = self.manager
+        refusal = manager.background_thread_status.can_accept_new_requests()  # it would drop a request silently
+        if refusal is None and manager.is_running():
+            return
+        log.warning("the batching engine of %r stopped (%s); starting it again", self.name,
+                    manager.background_thread_status.fatal_error or refusal)
+        if manager._generation_thread is not None:
+            manager._generation_thread.join(timeout=2)  # it is on its way out: the error is recorded last
+        with torch.inference_mode():
+            manager.start()
+
     def submit(self, req: TokenRequest) -> str:
+        self._ensure_running()
         rid = req.request_id = f"{self.name}-{next(self._ids)}"
         seen = 0
 

@@ -59,8 +59,7 @@ def registry_names(services) -> list[str]:
 class KeysHandler(KeyOwnerMixin, APIHandler):
     async def get(self) -> None:
         user_id = self.own_user_id()
-        include_revoked = self.get_query_argument("include_revoked", "false") == "true"
-        self.write_json({"keys": await self.services.keys.list(user_id, include_revoked)})
+        self.write_json({"keys": await self.services.keys.list(user_id, include_revoked(self))})
 
     async def post(self) -> None:
         user_id = self.own_user_id()
@@ -87,8 +86,19 @@ class KeyHandler(KeyOwnerMixin, APIHandler):
         self.finish()
 
 
+MAX_ROW_ID = 2**31 - 1  # id columns are 32-bit INTEGERs: PostgreSQL refuses larger numbers (a 500 otherwise)
+
+
+def include_revoked(handler) -> bool:
+    """`?include_revoked=true|false` (empty: false); anything else is a 400, not a silent false."""
+    value = handler.get_query_argument("include_revoked", "") or "false"
+    if value not in ("true", "false"):
+        raise BadRequest("'include_revoked' must be true or false.", param="include_revoked")
+    return value == "true"
+
+
 def _key_id(raw: str) -> int:
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 10 or int(raw) > MAX_ROW_ID:
         raise NotFound("No such key.")
     return int(raw)
 

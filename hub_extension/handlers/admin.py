@@ -8,7 +8,7 @@ write JSON; every change is audited by the component in the same transaction as 
 from __future__ import annotations
 
 from ..administration import parse_audit_query
-from .account import KeyOwnerMixin, _key_id, registry_names
+from .account import KeyOwnerMixin, _key_id, include_revoked, registry_names
 from .base import APIHandler, Auth
 
 
@@ -102,8 +102,7 @@ class AuditHandler(AdminHandler):
 class UserKeysHandler(AdminHandler):
     async def get(self, name: str) -> None:
         state = await self.admin.lookup(name)  # a read makes no row: an unseen user (id 0) simply has no keys
-        include_revoked = self.get_query_argument("include_revoked", "false") == "true"
-        self.write_json({"keys": await self.services.keys.list(state.id, include_revoked)})
+        self.write_json({"keys": await self.services.keys.list(state.id, include_revoked(self))})
 
     async def post(self, name: str) -> None:
         """An admin issues a key for a user explicitly (audited with both names)."""

@@ -16,7 +16,8 @@ from typing import Any
 from tornado import web
 
 from ..administration import ACT_AS_HEADER
-from ..errors import ApiError, Forbidden, NotFound, PayloadTooLarge, Unauthorized
+from ..db import unavailable
+from ..errors import ApiError, Forbidden, NotFound, PayloadTooLarge, ServiceUnavailable, Unauthorized
 from ..identity import Identity
 from ..json_body import LARGE_BODY_BYTES, parse_object
 from ..net import client_ip
@@ -66,6 +67,10 @@ class APIHandler(web.RequestHandler):
     async def prepare(self) -> None:
         self._body_parts: list[bytes] = []
         self._body_size = 0
+        if getattr(self.services, "stopping", False):  # health included: balancers must stop sending work here
+            raise ServiceUnavailable("The service is shutting down; try again shortly.", retry_after=5)
+        self._in_flight = getattr(self.services, "in_flight", set())  # (some tests hand a bare namespace)
+        self._in_flight.add(self)
         if "token" in self.request.query_arguments or "api_key" in self.request.query_arguments:
             raise Unauthorized("Credentials in the URL are refused; send them in the Authorization header.")
         if self.auth is Auth.PUBLIC:
@@ -83,9 +88,22 @@ class APIHandler(web.RequestHandler):
         if self.auth is Auth.ADMIN and not self.identity.is_admin:
             raise Forbidden("This action needs an administrator.")
 
+    def finish(self, chunk=None):
+        """Out of `in_flight` once answered (after `on_finish`, so its usage is buffered by then)."""
+        try:
+            return super().finish(chunk)
+        finally:
+            getattr(self, "_in_flight", set()).discard(self)
+
+    def on_connection_close(self) -> None:
+        super().on_connection_close()
+        getattr(self, "_in_flight", set()).discard(self)
+
     # -- request bodies ------------------------------------------------------------------------
 
     def data_received(self, chunk: bytes) -> None:
+        if getattr(self, "_refused_early", False):  # answered already (send_error): read and dropped, never kept
+            return
         self._body_size += len(chunk)
         if self._body_size <= self.services.max_body_bytes:
             self._body_parts.append(chunk)
@@ -110,8 +128,27 @@ class APIHandler(web.RequestHandler):
 
     # -- errors ----------------------------------------------------------------------------------
 
+    def send_error(self, status_code: int = 500, **kwargs: Any) -> None:
+        """An error raised before the (streamed) body was read is sent once the body is in, read and dropped.
+
+        Closing a socket with unread data resets it: the Hub's proxy, still sending a large body, then answers
+        its own 503 page instead of this error (found by fuzzing: a 2 MB body with a dead credential).
+        """
+        body = getattr(self.request, "_body_future", None)
+        if body is None or body.done() or getattr(self.request.connection, "_read_finished", True):
+            super().send_error(status_code, **kwargs)
+            return
+        self._refused_early = True
+
+        def answer(future) -> None:
+            if future.exception() is None:  # else the client went away: nobody to answer
+                super(APIHandler, self).send_error(status_code, **kwargs)
+
+        body.add_done_callback(answer)
+
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
+        exc = database_unavailable(exc) or exc
         if isinstance(exc, ApiError):
             error = exc
         elif isinstance(exc, web.HTTPError):
@@ -134,7 +171,10 @@ class APIHandler(web.RequestHandler):
         self.finish(json.dumps(error.to_json()))
 
     def log_exception(self, typ, value, tb) -> None:
-        if isinstance(value, ApiError):
+        if database_unavailable(value):  # one line, not a traceback per request while the database is away
+            log.warning("%s %s -> 503: the database is unavailable: %s", self.request.method, self.request.path,
+                        str(getattr(value, "orig", None) or value).strip().splitlines()[0][:200])
+        elif isinstance(value, ApiError):
             log.info("%s %s -> %d %s", self.request.method, self.request.path, value.status, value.message)
         else:
             super().log_exception(typ, value, tb)
@@ -154,6 +194,14 @@ class NotFoundHandler(APIHandler):
     async def prepare(self) -> None:
         await super().prepare()
         raise NotFound(f"No such endpoint: {self.request.path}")
+
+
+def database_unavailable(exc: BaseException | None) -> ServiceUnavailable | None:
+    """The 503 for an error that means the database cannot be reached (`db.unavailable`), else None. Fails
+    closed: the request is refused, never answered from a guess."""
+    if unavailable(exc):
+        return ServiceUnavailable("The service's database is unavailable; try again shortly.", retry_after=5)
+    return None
 
 
 def _type_for(status: int) -> str:

@@ -18,7 +18,8 @@ from typing import Any
 from tornado.iostream import StreamClosedError
 
 from .. import protocol
-from ..errors import ApiError, BadRequest, Forbidden, ModelNotFound
+from ..errors import ApiError, BadRequest, Forbidden, ModelNotFound, NotFound
+from ..presets import PRESET_PREFIX, apply_preset
 from ..quotas import Reservation, estimate_tokens
 from .base import OpenAIHandler
 
@@ -173,8 +174,12 @@ class CompletionsHandler(_V1Handler):
         gen = self._inflight
         return (gen.prompt_tokens, gen.completion_tokens) if gen is not None else (0, 0)
 
+    async def with_preset(self, body: dict) -> dict:
+        """Completions take no presets: the body as sent."""
+        return body
+
     async def post(self) -> None:
-        request = self.parse(await self.json_body())
+        request = self.parse(await self.with_preset(await self.json_body()))
         backend = await self._backend(request.model, self.tasks)
         request = self._admit(backend, request)
         gen = self._inflight = await self.generate(backend, request)
@@ -229,6 +234,22 @@ class ChatCompletionsHandler(CompletionsHandler):
 
     async def generate(self, backend, request: protocol.ChatRequest):
         return await backend.chat(request.messages, request.params)
+
+    async def with_preset(self, body: dict) -> dict:
+        """`model: "preset:<name>"`: the caller's own preset, as the plain request it stands for (its model then
+        passes the same permission check as one named directly). Anyone else's preset is "no such model"."""
+        model = body.get("model")
+        if not (isinstance(model, str) and model.startswith(PRESET_PREFIX)):
+            return body
+        if not self.services.permissions.allowed(self.identity, "resources"):
+            raise Forbidden("You do not have access to the 'resources' feature (presets).")
+        try:
+            if self.services.presets is None:
+                raise NotFound(model)
+            preset = await self.services.presets.get(self.identity.user_id or 0, model[len(PRESET_PREFIX):])
+        except NotFound:
+            raise ModelNotFound(model) from None
+        return apply_preset(body, preset)
 
     @staticmethod
     def prompt_texts(request: protocol.ChatRequest) -> list:

@@ -15,8 +15,10 @@ from tornado import web
 from ..errors import ApiError, Unauthorized
 
 # The page's own script and styles and the Hub's (same origin through the proxy), no framing by any site (clickjacking).
+# `data:` images: the Hub's Bootstrap stylesheet draws its icons (the navbar toggler) as inline SVG.
 CONTENT_SECURITY_POLICY = (
-    "default-src 'self'; style-src 'unsafe-inline' 'self'; script-src 'unsafe-inline' 'self'; frame-ancestors 'none'"
+    "default-src 'self'; style-src 'unsafe-inline' 'self'; script-src 'unsafe-inline' 'self'; "
+    "img-src 'self' data:; frame-ancestors 'none'"
 )
 # The Hub OAuth cookie and its state cookie: Lax, since the Hub's redirects back to `/oauth_callback` and then to
 # the page are top-level navigations. HubOAuth already makes both HttpOnly, and Secure when the browser is on https.
