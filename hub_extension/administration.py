@@ -11,7 +11,7 @@ import time
 from collections import OrderedDict
 from dataclasses import replace
 
-from .errors import BadRequest, Forbidden, NotFound
+from .errors import BadRequest, Forbidden, NotFound, ServiceUnavailable
 from .identity import Identity, check_state
 from .orm import UserStatus
 from .permissions import PermissionPolicy
@@ -59,7 +59,8 @@ class UserAdmin:
             "status": ours["status"] if ours else None,
             "groups": groups,
             "roles": roles,
-            "in_hub": hub is not None if self.hub is not None else ours["in_hub"],
+            "in_hub": hub is not None if self.hub is not None and not (ours or {}).get("hub_unreachable")
+            else ours["in_hub"],
             "created_at": ours["created_at"] if ours else None,
             "last_seen": ours["last_seen"] if ours else None,
             "hub_last_activity": hub.get("last_activity") if hub else None,
@@ -75,7 +76,13 @@ class UserAdmin:
 
     async def detail(self, name: str, models=()) -> dict:
         ours = await self.users.get_model(name)
-        hub = await self.hub.get(name) if self.hub is not None else None
+        try:
+            hub = await self.hub.get(name) if self.hub is not None else None
+        except ServiceUnavailable:
+            if ours is None:
+                raise
+            # The Hub is unreachable: describe the user from our mirror (a status change was saved all the same).
+            hub, ours = None, {**ours, "hub_unreachable": True}
         if ours is None and hub is None:
             raise NotFound(f"No such user: {name}")
         model = self._merge(ours, hub)

@@ -165,6 +165,12 @@ jupyterhub-inference usage [--user NAME] [--since ISO] [--bucket day|hour|month]
         otherwise it is the peer itself. `X-Real-Ip` is never trusted. As JupyterHub's `trusted_downstream_ips`.""",
     ).tag(config=True)
 
+    @validate("torch_threads")
+    def _validate_torch_threads(self, proposal):
+        if proposal.value < 0:
+            raise ValueError("InferenceService.torch_threads must be >= 0 (0: torch's choice)")
+        return proposal.value
+
     @validate("trusted_proxies")
     def _validate_proxies(self, proposal):
         try:
@@ -205,6 +211,12 @@ jupyterhub-inference usage [--user NAME] [--since ISO] [--bucket day|hour|month]
 
     models_config = Unicode(
         help="Path of the YAML model registry. Defaults to $INFERENCE_MODELS_CONFIG; empty: no models."
+    ).tag(config=True)
+
+    torch_threads = Integer(
+        0,
+        help="""Threads torch uses inside one operation on the CPU (0: torch's choice, one per core). On a small
+        machine serving several people, 1 keeps each request's latency steady (bench/collections.py --threads).""",
     ).tag(config=True)
 
     @default("models_config")
@@ -328,6 +340,10 @@ jupyterhub-inference usage [--user NAME] [--since ISO] [--bucket day|hour|month]
             return None
         from .engine import ModelManager
 
+        if self.torch_threads > 0:
+            import torch
+
+            torch.set_num_threads(self.torch_threads)
         return ModelManager.from_config(self.models_config)
 
     def cookie_secret(self) -> bytes:

@@ -177,6 +177,17 @@ def db_url(request, tmp_path):
     yield url
 
 
+@pytest.fixture
+def db(db_url):
+    """A migrated `Database` on `db_url` (both backends), closed after the test."""
+    from hub_extension.db import Database
+
+    database = Database(db_url, threads=8)  # enough connections for the concurrency tests (invite races)
+    database.upgrade()
+    yield database
+    database.close()
+
+
 # -- the Hub ----------------------------------------------------------------------------------------
 
 
@@ -287,11 +298,12 @@ UPSTREAM_ENTRIES = """
 """
 
 
-def _hub_config(tmp: Path, ports: dict, tokens: dict, sqlite_url: str, models: Path) -> str:
+def hub_base_config(tmp: Path, ports: dict) -> str:
+    """What every test Hub's config shares: the checkout importable, loopback ports, its proxy, its own SQLite
+    database and cookie secret; `c` defined. The caller adds the authenticator, the service and the rest."""
     return f"""
 import sys
 sys.path.insert(0, {str(ROOT)!r})
-from hub_extension.hub_config import configure, SERVICE_SCOPES, access_scope, example_notebooks_hook
 
 c = get_config()
 c.JupyterHub.bind_url = "http://127.0.0.1:{ports['public']}"
@@ -302,6 +314,35 @@ c.ConfigurableHTTPProxy.command = [{str(PROXY)!r}]
 c.ConfigurableHTTPProxy.pid_file = {str(tmp / 'proxy.pid')!r}
 c.JupyterHub.db_url = "sqlite:///{tmp / 'jupyterhub.sqlite'}"
 c.JupyterHub.cookie_secret = bytes.fromhex({secrets.token_hex(32)!r})
+"""
+
+
+def start_hub(tmp: Path, config: str, env: dict) -> subprocess.Popen:
+    """`jupyterhub` on `config` (written to tmp/jupyterhub_config.py), its output in tmp/hub.log."""
+    (tmp / "jupyterhub_config.py").write_text(config)
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "jupyterhub"), "-f", str(tmp / "jupyterhub_config.py")],
+        cwd=tmp, env=env, stdout=open(tmp / "hub.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+
+
+def stop_hub(proc: subprocess.Popen, tmp: Path, service_port: int, server_marker: str = "") -> None:
+    """Stop a test Hub's process group, then whatever it left behind (see `left_behind`)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    for pid in left_behind(tmp / "proxy.pid", f"--InferenceService.port={service_port}", server_marker):
+        os.kill(pid, signal.SIGTERM)
+
+
+def _hub_config(tmp: Path, ports: dict, tokens: dict, sqlite_url: str, models: Path) -> str:
+    return hub_base_config(tmp, ports) + f"""
+from hub_extension.hub_config import configure, SERVICE_SCOPES, access_scope, example_notebooks_hook
+
 c.JupyterHub.authenticator_class = "shared-password"
 c.SharedPasswordAuthenticator.user_password = "test-password-1"
 c.Authenticator.allow_all = True
@@ -352,14 +393,10 @@ def hub(tmp_path_factory, model_config_file, pg_url):  # noqa: F811
     ports = {k: free_port() for k in ("public", "hub", "proxy_api", "service", "service_pg")}
     tokens = {"tester": secrets.token_hex(32), "pg": secrets.token_hex(32), "upstream": secrets.token_hex(32)}
     sqlite_url = f"sqlite:///{tmp / 'inference.sqlite'}"
-    (tmp / "jupyterhub_config.py").write_text(_hub_config(tmp, ports, tokens, sqlite_url, model_config_file))
     log_path = tmp / "hub.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("JUPYTERHUB_API_TOKEN", None)
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "jupyterhub"), "-f", str(tmp / "jupyterhub_config.py")],
-        cwd=tmp, env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    proc = start_hub(tmp, _hub_config(tmp, ports, tokens, sqlite_url, model_config_file), env)
     public = f"http://127.0.0.1:{ports['public']}"
 
     from traitlets.config import Config
@@ -420,16 +457,7 @@ def hub(tmp_path_factory, model_config_file, pg_url):  # noqa: F811
         )
     finally:
         service.stop()
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-        hub_api = f"JUPYTERHUB_API_URL=http://127.0.0.1:{ports['hub']}/hub/api"
-        for pid in left_behind(tmp / "proxy.pid", f"--InferenceService.port={ports['service']}", hub_api):
-            os.kill(pid, signal.SIGTERM)
+        stop_hub(proc, tmp, ports["service"], f"JUPYTERHUB_API_URL=http://127.0.0.1:{ports['hub']}/hub/api")
 
 
 def left_behind(proxy_pid_file: Path, service_marker: str, server_marker: str = "") -> list[int]:

@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import requests
-from conftest import PROXY, ROOT, HubAPI, free_port, left_behind, wait_for
+from conftest import PROXY, HubAPI, free_port, hub_base_config, start_hub, stop_hub, wait_for
 from requests.adapters import HTTPAdapter
 
 ADMIN = "boss"
@@ -49,20 +46,9 @@ class LoginHub:
 
 
 def _config(tmp: Path, mode: str, ports: dict, token: str, service_config: Path) -> str:
-    return f"""
-import sys
-sys.path.insert(0, {str(ROOT)!r})
+    return hub_base_config(tmp, ports) + f"""
 from hub_extension.hub_config import configure
 
-c = get_config()
-c.JupyterHub.bind_url = "http://127.0.0.1:{ports['public']}"
-c.JupyterHub.hub_ip = "127.0.0.1"
-c.JupyterHub.hub_port = {ports['hub']}
-c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{ports['proxy_api']}"
-c.ConfigurableHTTPProxy.command = [{str(PROXY)!r}]
-c.ConfigurableHTTPProxy.pid_file = {str(tmp / 'proxy.pid')!r}
-c.JupyterHub.db_url = "sqlite:///{tmp / 'jupyterhub.sqlite'}"
-c.JupyterHub.cookie_secret = bytes.fromhex({secrets.token_hex(32)!r})
 c.JupyterHub.redirect_to_server = False
 c.JupyterHub.spawner_class = "simple"
 c.JupyterHub.log_level = "INFO"
@@ -100,14 +86,10 @@ def login_hub(tmp: Path, mode: str) -> Iterator[LoginHub]:
     service_config = tmp / "jupyterhub_inference_config.py"
     service_config.write_text(f"c = get_config()\nc.InferenceService.db_url = {db_url!r}\n"
                               f"c.InferenceService.cookie_secret_file = {str(tmp / 'inference_cookie_secret')!r}\n")
-    (tmp / "jupyterhub_config.py").write_text(_config(tmp, mode, ports, token, service_config))
     log_path = tmp / "hub.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JUPYTERHUB_", "INFERENCE_"))}
     env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "jupyterhub"), "-f", str(tmp / "jupyterhub_config.py")],
-        cwd=tmp, env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    proc = start_hub(tmp, _config(tmp, mode, ports, token, service_config), env)
     public = f"http://127.0.0.1:{ports['public']}"
     try:
         def up() -> bool:
@@ -118,15 +100,7 @@ def login_hub(tmp: Path, mode: str) -> Iterator[LoginHub]:
         wait_for(up, timeout=180, interval=0.3, what=f"the login Hub ({mode}; log: {log_path})")
         yield LoginHub(mode, public, f"http://127.0.0.1:{ports['hub']}", HubAPI(public, token), db_url, log_path)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-        for pid in left_behind(tmp / "proxy.pid", f"--InferenceService.port={ports['service']}"):
-            os.kill(pid, signal.SIGTERM)
+        stop_hub(proc, tmp, ports["service"])
 
 
 class SourceAddress(HTTPAdapter):

@@ -11,14 +11,12 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import signal
 import subprocess
-import sys
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import requests
-from conftest import PROXY, ROOT, HubAPI, free_port, left_behind, wait_for
+from conftest import ROOT, HubAPI, free_port, hub_base_config, start_hub, stop_hub, wait_for
 from traitlets.config.loader import PyFileConfigLoader
 
 BLOCKED = "BLOCKED non-loopback request"
@@ -67,21 +65,10 @@ class OAuthHub:
     def config(self) -> str:
         service_config = self.tmp / "inference_config.py"
         service_config.write_text(f"c = get_config()\nc.InferenceService.db_url = {self.service_db!r}\n")
-        return f"""
-import sys
-sys.path.insert(0, {str(ROOT)!r})
+        return hub_base_config(self.tmp, self.ports) + f"""
 {_GUARD}
 from hub_extension.hub_config import configure
 
-c = get_config()
-c.JupyterHub.bind_url = "{self.url}"
-c.JupyterHub.hub_ip = "127.0.0.1"
-c.JupyterHub.hub_port = {self.ports['hub']}
-c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{self.ports['proxy_api']}"
-c.ConfigurableHTTPProxy.command = [{str(PROXY)!r}]
-c.ConfigurableHTTPProxy.pid_file = {str(self.tmp / 'proxy.pid')!r}
-c.JupyterHub.db_url = "sqlite:///{self.tmp / 'jupyterhub.sqlite'}"
-c.JupyterHub.cookie_secret = bytes.fromhex({secrets.token_hex(32)!r})
 c.JupyterHub.spawner_class = "simple"
 c.JupyterHub.log_level = "INFO"
 configure(c, port={self.ports['service']}, config_file={str(service_config)!r}, load_kernel_extension=False,
@@ -94,7 +81,6 @@ c.Authenticator.service_config_file = {str(service_config)!r}
 """
 
     def start(self, wait: bool = True) -> OAuthHub:
-        (self.tmp / "jupyterhub_config.py").write_text(self.config())
         env = {k: v for k, v in os.environ.items() if not k.startswith(("JUPYTERHUB_", "INFERENCE_"))}
         dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
         env.update({
@@ -102,10 +88,7 @@ c.Authenticator.service_config_file = {str(service_config)!r}
             "HTTP_PROXY": dead, "HTTPS_PROXY": dead, "http_proxy": dead, "https_proxy": dead,
             "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1",
         })
-        self.process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "jupyterhub"), "-f", str(self.tmp / "jupyterhub_config.py")],
-            cwd=self.tmp, env=env, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        self.process = start_hub(self.tmp, self.config(), env)
         if wait:
             try:
                 wait_for(self._up, timeout=120, interval=0.2, what=f"the Hub (log: {self.log_path})")
@@ -144,17 +127,8 @@ c.Authenticator.service_config_file = {str(service_config)!r}
             self.stop()
 
     def stop(self) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
-        for pid in left_behind(self.tmp / "proxy.pid", f"--InferenceService.port={self.ports['service']}"):
-            os.kill(pid, signal.SIGTERM)
+        if self.process is not None:
+            stop_hub(self.process, self.tmp, self.ports["service"])
 
     def __enter__(self) -> OAuthHub:
         return self.start()

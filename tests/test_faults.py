@@ -288,3 +288,25 @@ def test_a_model_that_fails_to_load_answers_503_and_the_others_serve(faulty_serv
         r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
         assert r.choices[0].message.content is not None
     assert "model 'broken' failed to load" in faulty_service.output()
+
+
+async def test_a_status_change_is_answered_while_the_hub_is_unreachable(tmp_path):
+    """The change is saved before the Hub is asked for the user's details: with the Hub down the answer comes from
+    the service's own mirror (never a 503 for a change that was made)."""
+    from hub_extension.administration import UserAdmin
+    from hub_extension.permissions import PermissionPolicy
+    from hub_extension.users import HubUsers, UserDirectory
+
+    db = Database(f"sqlite:///{tmp_path / 'admin.sqlite'}", threads=1)
+    db.upgrade()
+    try:
+        users, permissions = UserDirectory(db), PermissionPolicy(db)
+        permissions.load()
+        await users.seen_from_hub({"name": "ada", "admin": False, "groups": [], "roles": ["user"]})
+        admin = UserAdmin(users, permissions, HubUsers(f"http://127.0.0.1:{free_port()}/hub/api", "no-hub"))
+        audit = {"actor": "root", "subject": "ada", "client_ip": None}
+        model = await admin.set_status("ada", "disable", audit=audit)
+        assert model["status"] == "disabled" and model["in_hub"] is True
+        assert (await users.by_name("ada")).status == "disabled"
+    finally:
+        db.close()

@@ -19,13 +19,6 @@ from hub_extension.orm import AuditEvent, Invite, User, UserStatus
 ADMIN = {"actor": "root", "subject": None, "client_ip": "10.0.0.1"}
 
 
-@pytest.fixture
-def db(db_url):
-    database = Database(db_url, threads=8)
-    database.upgrade()
-    yield database
-    database.close()
-
 
 def new_invite(db: Database, **fields) -> tuple[str, dict]:
     request = store.parse_invite_request(fields)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 
 from hub_extension.audit import AuditLog
-from hub_extension.db import Database
 from hub_extension.engine import ModelManager, parse_registry
 from hub_extension.errors import BadRequest, NotFound, RateLimited
 from hub_extension.identity import Identity
@@ -51,13 +50,6 @@ async def models():
     yield manager
     await manager.close()
 
-
-@pytest.fixture
-def db(db_url):
-    database = Database(db_url, threads=2)
-    database.upgrade()
-    yield database
-    database.close()
 
 
 @pytest.fixture

@@ -21,13 +21,6 @@ PIRATE = {"name": "pirate", "model": "tiny-chat", "system_prompt": "Talk like a 
           "parameters": {"temperature": 0.2, "max_tokens": 32}}
 
 
-@pytest.fixture
-def db(db_url):
-    database = Database(db_url, threads=2)
-    database.upgrade()
-    yield database
-    database.close()
-
 
 def add_users(db: Database, *names: str) -> list[int]:
     def make(session):

@@ -12,7 +12,6 @@ import pytest
 from conftest import run_command
 
 from hub_extension.audit import AuditLog
-from hub_extension.db import Database
 from hub_extension.errors import BadRequest, RateLimited
 from hub_extension.identity import Identity
 from hub_extension.quotas import QuotaPolicy, estimate_tokens
@@ -34,13 +33,6 @@ class Clock:
     def __call__(self) -> float:
         return self.now
 
-
-@pytest.fixture
-def db(db_url):
-    database = Database(db_url, threads=2)
-    database.upgrade()
-    yield database
-    database.close()
 
 
 @pytest.fixture

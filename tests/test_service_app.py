@@ -61,6 +61,7 @@ def test_mode_static_compares_configured_keys_and_logs_json_without_secrets(tmp_
         (["--identity=none", "--models=/nonexistent/models.yaml"], {}, "models.yaml"),
         (["--PermissionPolicy.feature_defaults={'teleport': True}"], {}, "teleport"),
         (["--InferenceService.trusted_proxies=['10.0.0.0/8', 'proxy']"], {}, "'proxy'"),
+        (["--identity=none", "--InferenceService.torch_threads=-1"], {}, "torch_threads"),
     ],
 )
 def test_bad_configuration_stops_the_start(tmp_path, monkeypatch, args, env, message):
