@@ -58,6 +58,9 @@ c.Authenticator.service_config_file = str(here / "jupyterhub_inference_config.py
 if os.environ.get("INFERENCE_TRUSTED_PROXIES"):
     c.Authenticator.trusted_proxies = sorted(env_list("INFERENCE_TRUSTED_PROXIES"))
 if login == "local":
+    from hub_extension.login.local import NAV_TEMPLATES
+
+    c.JupyterHub.template_paths = [NAV_TEMPLATES]  # a "Password" link in the Hub's navigation bar
     # Admin by name for local accounts only; the first admin is created at first start.
     c.LocalAccountsAuthenticator.admin_users = env_list("INFERENCE_ADMINS")
     c.LocalAccountsAuthenticator.bootstrap_admin = os.environ.get("INFERENCE_FIRST_ADMIN", "admin")

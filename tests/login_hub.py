@@ -53,6 +53,8 @@ c.JupyterHub.redirect_to_server = False
 c.JupyterHub.spawner_class = "simple"
 c.JupyterHub.log_level = "INFO"
 c.JupyterHub.authenticator_class = "hub_extension.login.local.LocalAccountsAuthenticator"
+from hub_extension.login.local import NAV_TEMPLATES
+c.JupyterHub.template_paths = [NAV_TEMPLATES]
 c.LocalAccountsAuthenticator.registration_mode = {mode!r}
 c.LocalAccountsAuthenticator.bootstrap_admin = {ADMIN!r}
 c.LocalAccountsAuthenticator.bootstrap_admin_password = {ADMIN_PASSWORD!r}

@@ -95,7 +95,8 @@ def test_sign_up_sign_in_change_and_reset_password(page, login, admin_token):
     assert page.url.endswith("/hub/home")
 
     new = "a brand new passphrase 7"
-    page.goto(f"{login.url}/hub/change-password")
+    page.click("#change-password-link")  # from the Hub's navigation bar
+    page.wait_for_url("**/hub/change-password")
     page.fill("#current_password_input", "wrong wrong wrong")
     page.fill("#password_input", new)
     page.fill("#password_confirm_input", new)

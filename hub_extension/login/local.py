@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from pathlib import Path
 
 from jupyterhub.auth import Authenticator
 from jupyterhub.handlers import BaseHandler
@@ -39,6 +40,8 @@ from .passwords import (
 from .registration import RegistrationMixin
 
 # Names people may sign up with (after the Hub's lower-casing): short, and safe in URLs, paths and Hub groups.
+# The Hub's page.html, extended with a link to the change-password page: for `c.JupyterHub.template_paths`.
+NAV_TEMPLATES = str(Path(__file__).with_name("hub_templates"))
 USERNAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,31}$")
 
 
