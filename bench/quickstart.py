@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from browser import launch, screenshot  # noqa: E402
+from hub_process import stop_hub  # noqa: E402
 
 PASSWORD = secrets.token_urlsafe(18)  # the first admin's (`make demo` prints a generated one instead)
 # Counts the distinct texts the `%%chat` cell's output shows while it runs: more than one = streamed.
@@ -97,23 +97,6 @@ def start_hub(tmp: Path, keep_cache: bool, user: str) -> tuple[subprocess.Popen,
         cwd=ROOT, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     return proc, public, f"JUPYTERHUB_API_URL=http://127.0.0.1:{ports['hub']}/hub/api", log
-
-
-def stop_hub(proc: subprocess.Popen, server_marker: str) -> None:
-    """SIGTERM: the Hub stops the servers it spawned and the service; then anything of ours still running."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and server_marker.encode() + b"\0" in (entry / "environ").read_bytes():
-                os.kill(int(entry.name), signal.SIGTERM)
-        except OSError:
-            continue
 
 
 def run_quickstart(steps: Steps, public: str, user: str) -> int:
@@ -186,7 +169,7 @@ def main() -> None:
             print(f"failed; the Hub's log ends with:\n{log.read_text()[-4000:]}", file=sys.stderr)
             raise
         finally:
-            stop_hub(proc, marker)
+            stop_hub(proc, Path(tmp) / "var" / "jupyterhub-proxy.pid", env_marker=marker, wait=60)
     total = sum(seconds for _name, seconds in steps.times)
     print(f"%%chat answer shown in {pieces} successive versions (streamed: {pieces > 1})")
     print(f"quickstart_seconds={total:.1f}")

@@ -24,13 +24,13 @@ from pathlib import Path
 import pytest
 import requests
 from engine_fixtures import model_config_file, tiny_model_dir  # noqa: F401
+from hub_process import PROXY, hub_base_config, start_hub, stop_hub  # noqa: F401 (shared with tests)
 from pg import temp_database
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # No config file for the services tests start (the repository's own jupyterhub_inference_config.py is the demo's).
 os.environ["INFERENCE_CONFIG"] = ""
 ROOT = Path(__file__).resolve().parent.parent
-PROXY = ROOT / ".node/node_modules/.bin/configurable-http-proxy"
 
 # Short bounds so "within the bound" tests finish quickly; tests poll, they never assert durations.
 HUB_SYNC_SECONDS = 1
@@ -298,47 +298,6 @@ UPSTREAM_ENTRIES = """
 """
 
 
-def hub_base_config(tmp: Path, ports: dict) -> str:
-    """What every test Hub's config shares: the checkout importable, loopback ports, its proxy, its own SQLite
-    database and cookie secret; `c` defined. The caller adds the authenticator, the service and the rest."""
-    return f"""
-import sys
-sys.path.insert(0, {str(ROOT)!r})
-
-c = get_config()
-c.JupyterHub.bind_url = "http://127.0.0.1:{ports['public']}"
-c.JupyterHub.hub_ip = "127.0.0.1"
-c.JupyterHub.hub_port = {ports['hub']}
-c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{ports['proxy_api']}"
-c.ConfigurableHTTPProxy.command = [{str(PROXY)!r}]
-c.ConfigurableHTTPProxy.pid_file = {str(tmp / 'proxy.pid')!r}
-c.JupyterHub.db_url = "sqlite:///{tmp / 'jupyterhub.sqlite'}"
-c.JupyterHub.cookie_secret = bytes.fromhex({secrets.token_hex(32)!r})
-"""
-
-
-def start_hub(tmp: Path, config: str, env: dict) -> subprocess.Popen:
-    """`jupyterhub` on `config` (written to tmp/jupyterhub_config.py), its output in tmp/hub.log."""
-    (tmp / "jupyterhub_config.py").write_text(config)
-    return subprocess.Popen(
-        [str(Path(sys.executable).parent / "jupyterhub"), "-f", str(tmp / "jupyterhub_config.py")],
-        cwd=tmp, env=env, stdout=open(tmp / "hub.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-
-
-def stop_hub(proc: subprocess.Popen, tmp: Path, service_port: int, server_marker: str = "") -> None:
-    """Stop a test Hub's process group, then whatever it left behind (see `left_behind`)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    for pid in left_behind(tmp / "proxy.pid", f"--InferenceService.port={service_port}", server_marker):
-        os.kill(pid, signal.SIGTERM)
-
-
 def _hub_config(tmp: Path, ports: dict, tokens: dict, sqlite_url: str, models: Path) -> str:
     return hub_base_config(tmp, ports) + f"""
 from hub_extension.hub_config import configure, SERVICE_SCOPES, access_scope, example_notebooks_hook
@@ -457,26 +416,8 @@ def hub(tmp_path_factory, model_config_file, pg_url):  # noqa: F811
         )
     finally:
         service.stop()
-        stop_hub(proc, tmp, ports["service"], f"JUPYTERHUB_API_URL=http://127.0.0.1:{ports['hub']}/hub/api")
-
-
-def left_behind(proxy_pid_file: Path, service_marker: str, server_marker: str = "") -> list[int]:
-    """What a Hub that did not stop cleanly left running: its proxy (its pid file outlives it), the service it
-    started (found by the port in its command line) and single-user servers and their kernels (found by the Hub's
-    API URL in their environment, `server_marker`). Only processes this test session started."""
-    pids = []
-    if proxy_pid_file.exists():
-        pids.append(int(proxy_pid_file.read_text().strip() or 0))
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and (
-                service_marker.encode() in (entry / "cmdline").read_bytes()
-                or server_marker and (server_marker.encode() + b"\0") in (entry / "environ").read_bytes()
-            ):
-                pids.append(int(entry.name))
-        except OSError:  # gone meanwhile
-            continue
-    return [pid for pid in pids if pid > 0 and Path(f"/proc/{pid}").exists()]
+        stop_hub(proc, tmp / "proxy.pid", cmdline_marker=f"--InferenceService.port={ports['service']}",
+                 env_marker=f"JUPYTERHUB_API_URL=http://127.0.0.1:{ports['hub']}/hub/api")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import requests
-from conftest import PROXY, HubAPI, free_port, hub_base_config, start_hub, stop_hub, wait_for
+from conftest import HubAPI, free_port, wait_for
+from hub_process import PROXY, hub_base_config, start_hub, stop_hub
 from requests.adapters import HTTPAdapter
 
 ADMIN = "boss"
@@ -102,7 +103,7 @@ def login_hub(tmp: Path, mode: str) -> Iterator[LoginHub]:
         wait_for(up, timeout=180, interval=0.3, what=f"the login Hub ({mode}; log: {log_path})")
         yield LoginHub(mode, public, f"http://127.0.0.1:{ports['hub']}", HubAPI(public, token), db_url, log_path)
     finally:
-        stop_hub(proc, tmp, ports["service"])
+        stop_hub(proc, tmp / "proxy.pid", cmdline_marker=f"--InferenceService.port={ports['service']}")
 
 
 class SourceAddress(HTTPAdapter):

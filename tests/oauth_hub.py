@@ -16,7 +16,8 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import requests
-from conftest import ROOT, HubAPI, free_port, hub_base_config, start_hub, stop_hub, wait_for
+from conftest import ROOT, HubAPI, free_port, wait_for
+from hub_process import hub_base_config, start_hub, stop_hub
 from traitlets.config.loader import PyFileConfigLoader
 
 BLOCKED = "BLOCKED non-loopback request"
@@ -128,7 +129,8 @@ c.Authenticator.service_config_file = {str(service_config)!r}
 
     def stop(self) -> None:
         if self.process is not None:
-            stop_hub(self.process, self.tmp, self.ports["service"])
+            stop_hub(self.process, self.tmp / "proxy.pid",
+                     cmdline_marker=f"--InferenceService.port={self.ports['service']}")
 
     def __enter__(self) -> OAuthHub:
         return self.start()
