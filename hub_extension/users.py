@@ -218,12 +218,16 @@ class UserDirectory(LoggingConfigurable):
 
     @staticmethod
     def _retire(session: Session, row: User) -> list[str]:
-        """A user the Hub deleted: revoke their keys and drop their grants (audited), and free the name.
+        """A user the Hub deleted: revoke their keys, drop their grants and delete their presets and collections
+        (audited), and free the name.
 
         The row stays (the audit log and usage point at it) under a name the Hub can never give anyone ('/' is
         not allowed in Hub user names), so a person who later gets the same name starts with nothing of theirs.
         Returns the revoked keys' hashes.
         """
+        from .knowledge import KnowledgeBase
+        from .presets import PresetStore
+
         audit = {"actor": "hub-sync", "subject": row.name, "client_ip": None}
         hashes, _ = revoke_keys(session, row.id, None, audit)
         removed = session.execute(
@@ -231,8 +235,12 @@ class UserDirectory(LoggingConfigurable):
         ).rowcount
         if removed:
             notify.publish(session, "grants")
-        AuditLog.add(session, action="user.deleted", details={"revoked_keys": len(hashes), "grants_removed": removed},
-                     **audit)
+        presets = PresetStore._delete(session, row.id, None, None)
+        collections = len(KnowledgeBase._delete(session, row.id, None, None))
+        AuditLog.add(session, action="user.deleted", details={
+            "revoked_keys": len(hashes), "grants_removed": removed,
+            "presets_removed": presets, "collections_removed": collections,
+        }, **audit)
         log.warning("user %s was deleted in the Hub: %d key(s) revoked", row.name, len(hashes))
         row.name = f"{row.name[:200]}/deleted-{row.id}"
         row.in_hub = False

@@ -156,6 +156,40 @@ async def test_hub_sync_retires_deleted_and_marks_blocked_users(parts):
     assert new_bob.id != bob.id and await keys.list(new_bob.id, include_revoked=True) == []
 
 
+async def test_a_deleted_hub_users_presets_and_collections_are_deleted(parts):
+    """Their private data goes with them (audited); nobody else's is touched."""
+    from sqlalchemy import select
+
+    from hub_extension.orm import Collection, CollectionChunk, CollectionDocument, Preset
+
+    db, users, _ = parts
+    owners = {name: await users.seen_from_hub({"name": name}) for name in ("erin", "finn")}
+
+    def give(session, user_id):
+        session.add(Preset(user_id=user_id, name="p", model="tiny-chat"))
+        collection = Collection(user_id=user_id, name="c", embedding_model="minilm", documents=1, chunks=1)
+        session.add(collection)
+        session.flush()
+        document = CollectionDocument(collection_id=collection.id, characters=4, chunks=1)
+        session.add(document)
+        session.flush()
+        session.add(CollectionChunk(collection_id=collection.id, document_id=document.id, position=0, text="text",
+                                    embedding=b"\0" * 8))
+
+    for state in owners.values():
+        db.call(give, state.id)
+    await users.sync([{"name": "finn"}])
+
+    finn_only = [owners["finn"].id]
+    assert db.call(lambda s: sorted(s.execute(select(Preset.user_id)).scalars())) == finn_only
+    assert db.call(lambda s: sorted(s.execute(select(Collection.user_id)).scalars())) == finn_only
+    finn_collection = db.call(lambda s: s.execute(select(Collection.id)).scalar_one())
+    for model in (CollectionDocument, CollectionChunk):
+        assert db.call(lambda s, m=model: set(s.execute(select(m.collection_id)).scalars())) == {finn_collection}
+    deleted = [e for e in await AuditLog(db).query(user="erin") if e["action"] == "user.deleted"]
+    assert deleted and deleted[0]["details"]["presets_removed"] == 1 and deleted[0]["details"]["collections_removed"] == 1
+
+
 async def test_a_recreated_hub_user_is_a_new_person(parts):
     """Deleted and re-created between two syncs: the Hub's `created` time tells them apart."""
     db, users, keys = parts
