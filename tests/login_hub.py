@@ -21,7 +21,7 @@ ADMIN = "boss"
 ADMIN_PASSWORD = "a long passphrase for the chief"
 # Low enough for the brute-force tests to reach quickly, high enough for the browser tests' own mistakes.
 LIMITS = {"login_limit_per_account": 5, "login_limit_per_address": 12, "signup_limit_per_address": 100,
-          "invite_limit_per_address": 100}
+          "signup_limit_per_account": 100, "invite_limit_per_address": 100, "invite_limit_per_code": 100}
 
 
 @dataclass

@@ -53,8 +53,8 @@ def test_sliding_window_memory_is_bounded():
 
 def test_login_limits_per_address_and_per_account():
     clock = Clock()
-    limits = LoginLimits(login_per_address=5, login_per_account=3, signup_per_address=2, invite_per_address=2,
-                         window=600, clock=clock)
+    limits = LoginLimits(login_per_address=5, login_per_account=3, signup_per_address=3, signup_per_account=2,
+                         invite_per_address=3, invite_per_code=2, window=600, clock=clock)
     for _ in range(3):
         limits.check_login("10.0.0.1", "ada")
         limits.record_login_failure("10.0.0.1", "ada")
@@ -66,14 +66,31 @@ def test_login_limits_per_address_and_per_account():
     limits.record_login_failure("10.0.0.1", None)
     with pytest.raises(RateLimited):
         limits.check_login("10.0.0.1", "carol")  # the address's limit
-    limits.record_signup("10.0.0.1")
-    limits.record_signup("10.0.0.1")
+    # Sign-ups: one name tried from many addresses, and many names from one address.
+    limits.record_signup("10.0.0.1", "dora")
+    limits.record_signup("10.0.0.2", "dora")
     with pytest.raises(RateLimited, match="sign-up"):
-        limits.check_signup("10.0.0.1")
+        limits.check_signup("10.0.0.3", "dora")
+    limits.check_signup("10.0.0.1", "erin")
+    limits.record_signup("10.0.0.1", "erin")
+    limits.record_signup("10.0.0.1", "finn")
+    with pytest.raises(RateLimited, match="sign-up"):
+        limits.check_signup("10.0.0.1", "gail")
+    # Invitations: one link from many addresses, and many links from one address; no code is kept.
+    limits.record_invite("10.0.0.1", "code-one")
+    limits.record_invite("10.0.0.2", "code-one")
+    with pytest.raises(RateLimited, match="invitation"):
+        limits.check_invite("10.0.0.3", "code-one")
+    assert "code-one" not in repr(limits.invite_code._events)
+    limits.check_invite("10.0.0.1", "code-two")
+    limits.record_invite("10.0.0.1", "code-two")
+    limits.record_invite("10.0.0.1", "code-three")
+    with pytest.raises(RateLimited, match="invitation"):
+        limits.check_invite("10.0.0.1", "code-four")
     clock.now += 601
     limits.check_login("10.0.0.1", "ada")
-    limits.check_signup("10.0.0.1")
-    limits.check_invite("10.0.0.1")
+    limits.check_signup("10.0.0.3", "dora")
+    limits.check_invite("10.0.0.3", "code-one")
 
 
 class ProviderLogin(RegistrationMixin, Authenticator):

@@ -164,16 +164,16 @@ class SignUpHandler(BaseHandler):
         auth = self.authenticator
         address = auth.client_address(self)
         username = self.get_body_argument("username", "", strip=True)[:64]
+        name = auth.normalize_username(username)
         try:
-            auth.check_limit(auth.limits.check_signup, address)
+            auth.check_limit(auth.limits.check_signup, address, name)
         except web.HTTPError as e:
             for header, value in getattr(e, "headers", {}).items():
                 self.set_header(header, value)
             await self.page(error=e.log_message, username=username, status=429)
             return
-        auth.limits.record_signup(address)
+        auth.limits.record_signup(address, name)
         password = self.get_body_argument("password", "")
-        name = auth.normalize_username(username)
         try:
             await self.create(name, password, self.get_body_argument("password_confirm", ""), address)
         except (PasswordRejected, Conflict) as e:
@@ -213,8 +213,8 @@ class SignUpHandler(BaseHandler):
         if code is None:
             await auth.login_db.run(create)
             return
-        auth.check_limit(auth.limits.check_invite, address)
-        auth.limits.record_invite(address)
+        auth.check_limit(auth.limits.check_invite, address, code)
+        auth.limits.record_invite(address, code)
         hub_user = auth.hub_user(self, name)  # first, so the service's Hub sync never sees the row alone
         try:
             groups = await auth.login_db.run(create)

@@ -7,6 +7,7 @@ least recently seen forgotten first.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections import OrderedDict, deque
@@ -71,15 +72,19 @@ class RateLimited(Exception):
 
 
 class LoginLimits:
-    """The limits a login layer applies: failed logins per address and per account, sign-ups and invite
-    redemptions per address. `check_*` raise RateLimited before the work is done; `record_*` count after it."""
+    """The limits a login layer applies, each per client address and per account: failed sign-ins (per account
+    name), sign-ups (per requested name) and invitation links opened or redeemed (per invitation, keyed by a hash
+    of its code so no code is kept). `check_*` raise RateLimited before the work is done; `record_*` count after."""
 
     def __init__(self, *, login_per_address: int, login_per_account: int, signup_per_address: int,
-                 invite_per_address: int, window: float, clock: Callable[[], float] = time.monotonic):
+                 signup_per_account: int, invite_per_address: int, invite_per_code: int, window: float,
+                 clock: Callable[[], float] = time.monotonic):
         self.login_address = SlidingWindow(login_per_address, window, clock=clock)
         self.login_account = SlidingWindow(login_per_account, window, clock=clock)
         self.signup_address = SlidingWindow(signup_per_address, window, clock=clock)
+        self.signup_account = SlidingWindow(signup_per_account, window, clock=clock)
         self.invite_address = SlidingWindow(invite_per_address, window, clock=clock)
+        self.invite_code = SlidingWindow(invite_per_code, window, clock=clock)
 
     @staticmethod
     def _check(what: str, *checks: tuple[SlidingWindow, str | None]) -> None:
@@ -87,22 +92,30 @@ class LoginLimits:
         if wait:
             raise RateLimited(what, wait)
 
+    @staticmethod
+    def _hit(*hits: tuple[SlidingWindow, str | None]) -> None:
+        for limiter, key in hits:
+            if key:
+                limiter.hit(key)
+
     def check_login(self, address: str, account: str | None) -> None:
         self._check("sign-in", (self.login_address, address), (self.login_account, account))
 
     def record_login_failure(self, address: str, account: str | None) -> None:
-        self.login_address.hit(address)
-        if account:
-            self.login_account.hit(account)
+        self._hit((self.login_address, address), (self.login_account, account))
 
-    def check_signup(self, address: str) -> None:
-        self._check("sign-up", (self.signup_address, address))
+    def check_signup(self, address: str, account: str | None) -> None:
+        self._check("sign-up", (self.signup_address, address), (self.signup_account, account))
 
-    def record_signup(self, address: str) -> None:
-        self.signup_address.hit(address)
+    def record_signup(self, address: str, account: str | None) -> None:
+        self._hit((self.signup_address, address), (self.signup_account, account))
 
-    def check_invite(self, address: str) -> None:
-        self._check("invitation", (self.invite_address, address))
+    def check_invite(self, address: str, code: str | None) -> None:
+        self._check("invitation", (self.invite_address, address), (self.invite_code, _code_key(code)))
 
-    def record_invite(self, address: str) -> None:
-        self.invite_address.hit(address)
+    def record_invite(self, address: str, code: str | None) -> None:
+        self._hit((self.invite_address, address), (self.invite_code, _code_key(code)))
+
+
+def _code_key(code: str | None) -> str | None:
+    return hashlib.sha256(code.encode("utf-8", "surrogatepass")).hexdigest() if code else None

@@ -100,8 +100,14 @@ class RegistrationMixin(LoggingConfigurable):
     signup_limit_per_address = Integer(10, help="Sign-up attempts per client address per `rate_limit_window`.").tag(
         config=True
     )
+    signup_limit_per_account = Integer(
+        5, help="Sign-up attempts for one user name (from any address) per `rate_limit_window`."
+    ).tag(config=True)
     invite_limit_per_address = Integer(
         30, help="Invitation links opened or redeemed per client address per `rate_limit_window`."
+    ).tag(config=True)
+    invite_limit_per_code = Integer(
+        10, help="Times one invitation link may be opened or redeemed (from any address) per `rate_limit_window`."
     ).tag(config=True)
     rate_limit_window = Float(600.0, help="Seconds over which the login rate limits count attempts.").tag(
         config=True
@@ -146,7 +152,8 @@ class RegistrationMixin(LoggingConfigurable):
             self.login_db  # noqa: B018 - opened (and migrated) at the Hub's start: a bad setting stops it there
         self.limits = LoginLimits(
             login_per_address=self.login_limit_per_address, login_per_account=self.login_limit_per_account,
-            signup_per_address=self.signup_limit_per_address, invite_per_address=self.invite_limit_per_address,
+            signup_per_address=self.signup_limit_per_address, signup_per_account=self.signup_limit_per_account,
+            invite_per_address=self.invite_limit_per_address, invite_per_code=self.invite_limit_per_code,
             window=self.rate_limit_window,
         )
 
@@ -270,8 +277,8 @@ class RegistrationMixin(LoggingConfigurable):
         code = self.invite_code(handler)
         if not code:
             raise RegistrationRefused("invite-required")
-        self.check_limit(self.limits.check_invite, address)
-        self.limits.record_invite(address)
+        self.check_limit(self.limits.check_invite, address, code)
+        self.limits.record_invite(address, code)
 
         def redeem(session):
             # The user's row first, then the claim: the invite's `used_at` is never before the row's
@@ -348,8 +355,8 @@ class InviteHandler(BaseHandler):
     async def get(self, code: str) -> None:
         authenticator = self.authenticator
         address = authenticator.client_address(self)
-        authenticator.check_limit(authenticator.limits.check_invite, address)
-        authenticator.limits.record_invite(address)
+        authenticator.check_limit(authenticator.limits.check_invite, address, code)
+        authenticator.limits.record_invite(address, code)
         try:
             invite = await authenticator.login_db.run(store.check_invite, code)
         except store.InviteRefused as e:
