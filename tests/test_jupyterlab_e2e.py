@@ -69,6 +69,21 @@ def test_account_panel_in_jupyterlab(hub, notebook_servers, page):
     assert len(keys_named(instance, token, name)) == 1
     assert works(instance, secret.input_value())
 
+    # A chat through that key shows in the panel's usage chart once the service has written it down.
+    chat = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    r = requests.post(instance.url + "v1/chat/completions", json=chat, headers=bearer(secret.input_value()), timeout=60)
+    assert r.status_code == 200, r.text
+    bar = panel.locator("svg.jhi-chart rect[data-series='tiny-chat']")
+
+    def charted() -> bool:
+        panel.get_by_role("button", name="Refresh").click()
+        panel.get_by_text("Your keys").wait_for()
+        return bar.count() > 0 and bar.first.is_visible()
+
+    wait_for(charted, timeout=60, interval=1, what="the chat in the panel's usage chart")
+    bar.first.scroll_into_view_if_needed()
+    screenshot(page, "jupyterlab-account-panel-usage-chart")
+
 
 def test_create_a_key_on_the_account_page(hub, page):
     instance = hub.instances["sqlite"]  # the Hub-managed service, as deployed

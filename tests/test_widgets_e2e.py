@@ -55,6 +55,7 @@ def test_account_panel_creates_shows_once_and_revokes_a_key(hub, instance):
         return model in panel.usage.value
 
     assert wait_for(usage_shown, what="the chat in the panel's usage")
+    assert f'data-series="{model}"' in panel.usage.value  # drawn in the chart as well as listed
 
     panel.dismiss_secret()  # shown once: gone from the panel, and no call gives it back
     assert panel.secret is None and secret not in panel.secret_view.value
@@ -155,6 +156,7 @@ def test_admin_panel_workflow(hub):
     assert "grants.set" in panel.audit_view.value and panel.error.value == ""
     panel.load_usage()
     assert panel.error.value == "" and "by user" in panel.usage_view.value
+    assert 'class="jhi-chart"' in panel.usage_view.value  # the session's users have used the service today
 
     panel.view_as()
     viewed = panel.view_panel

@@ -6,6 +6,7 @@ calls exactly what a click calls. Data comes only through `kernel_ext.service_ap
 
 from __future__ import annotations
 
+import datetime as dt
 import html
 from collections import defaultdict
 
@@ -16,6 +17,7 @@ from kernel_ext.service_api import InferenceClient, InferenceError
 from . import style
 
 QUOTA_WINDOWS = ("tokens_per_day", "tokens_per_month", "requests_per_minute")
+MAX_CHART_DAYS = 92  # a bar per day stays readable up to about a quarter
 
 
 def permissions_html(perms: dict) -> str:
@@ -38,7 +40,35 @@ def usage_html(report: dict) -> str:
     rows = [(g, s["requests"], s["prompt_tokens"], s["completion_tokens"], s["total_tokens"])
             for g, s in sorted(sums.items())]
     title = style.note(f"{report['since'][:10]} to {report['until'][:10]}, by {report['group_by']}")
-    return title + style.table((report["group_by"], "requests", "prompt", "completion", "total tokens"), rows)
+    return title + usage_chart(report) + style.table(
+        (report["group_by"], "requests", "prompt", "completion", "total tokens"), rows)
+
+
+def usage_chart(report: dict, *, max_series: int = len(style.SERIES_COLOURS)) -> str:
+    """Total tokens per day of a daily report, stacked by group (the biggest `max_series`, the rest merged);
+    nothing when there is no usage or the report is not by day."""
+    if report.get("bucket", "day") != "day" or not report["rows"]:
+        return ""
+    last = dt.date.fromisoformat(report["until"][:10])
+    first = max(dt.date.fromisoformat(report["since"][:10]), last - dt.timedelta(days=MAX_CHART_DAYS - 1))
+    days = [(first + dt.timedelta(days=i)).isoformat() for i in range((last - first).days + 1)]
+    where = {day: i for i, day in enumerate(days)}
+    totals: dict[str, int] = defaultdict(int)
+    for r in report["rows"]:
+        totals[r["group"] or "-"] += r["total_tokens"]
+    ranked = sorted((g for g in totals if totals[g]), key=lambda g: (-totals[g], g))  # no tokens: no bar
+    if not ranked:
+        return ""
+    kept = set(ranked[:max_series] if len(ranked) <= max_series else ranked[:max_series - 1])
+    series: dict[str, list[int]] = {g: [0] * len(days) for g in ranked if g in kept}
+    for r in report["rows"]:
+        i = where.get(str(r["bucket"])[:10])
+        group = r["group"] or "-"
+        if i is not None and r["total_tokens"]:
+            series.setdefault(group if group in kept else style.OTHERS, [0] * len(days))[i] += r["total_tokens"]
+    labels = [day[5:] for day in days]  # MM-DD
+    return style.stacked_bars(labels, series, unit="tokens",
+                              caption=f"Tokens per day, {days[0]} to {days[-1]}, by {report['group_by']}")
 
 
 def quota_html(quota: dict) -> str:

@@ -17,6 +17,12 @@ from kernel_ext.service_api import InferenceError
 PANEL_CLASS = "jhi-panel"
 GAP = "6px"
 LABEL_WIDTH = "9em"
+CHART_WIDTH, CHART_HEIGHT = 640, 160
+# A chart's series, in the theme's own colours; the last one is for "everything else".
+SERIES_COLOURS = ("--jp-brand-color1", "--jp-warn-color1", "--jp-accent-color1", "--jp-error-color1",
+                  "--jp-info-color1", "--jp-brand-color3", "--jp-warn-color3")
+OTHER_COLOUR = "--jp-layout-color4"
+OTHERS = "(others)"  # the name of a chart's merged rest
 
 CSS = f"""
 <style>
@@ -39,6 +45,9 @@ CSS = f"""
   border-bottom: 1px solid var(--jp-border-color2); padding: 2px 10px 2px 0; text-align: left;
 }}
 .{PANEL_CLASS} th {{ color: var(--jp-ui-font-color2); font-weight: normal; }}
+.{PANEL_CLASS} .jhi-chart {{ display: block; max-width: {CHART_WIDTH}px; font-size: 10px; }}
+.{PANEL_CLASS} .jhi-chart text {{ fill: var(--jp-ui-font-color2); }}
+.{PANEL_CLASS} .jhi-chart .jhi-grid {{ stroke: var(--jp-border-color2); }}
 .{PANEL_CLASS} .jhi-secret {{
   font-family: var(--jp-code-font-family); background: var(--jp-layout-color2);
   border: 1px solid var(--jp-brand-color1); padding: 4px; width: 40em;
@@ -99,6 +108,62 @@ def table(headers: Iterable[str], rows: Iterable[Iterable], raw: Iterable[int] =
         for cells in rows
     )
     return f"<table><tr>{head}</tr>{body}</table>" if body else note("(none)")
+
+
+def short_number(value: float) -> str:
+    """1234 -> '1.2k', 5_000_000 -> '5M': axis labels that fit."""
+    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= limit:
+            return f"{value / limit:.1f}".rstrip("0").rstrip(".") + suffix
+    return f"{value:g}"
+
+
+def stacked_bars(columns: list[str], series: dict[str, list[int]], *, unit: str, caption: str) -> str:
+    """An inline SVG bar per column, stacked by series (in order, each its own colour), with a y axis, the first,
+    middle and last column's label, a legend and a tooltip per piece. Plain SVG: the kernel needs no plotting
+    library and the theme's variables colour it."""
+    left, bottom, top, legend_row = 44, 18, 6, 16
+    n = max(len(columns), 1)
+    totals = [sum(values[i] for values in series.values()) for i in range(len(columns))]
+    peak = max(totals, default=0) or 1
+    plot_w, plot_h = CHART_WIDTH - left - 4, CHART_HEIGHT - top - bottom
+    step = plot_w / n
+    legend_h = legend_row * ((len(series) + 3) // 4)
+    parts = []
+    for fraction in (0, 0.5, 1):
+        y = top + plot_h * (1 - fraction)
+        parts.append(f'<line class="jhi-grid" x1="{left}" x2="{CHART_WIDTH - 4}" y1="{y:.1f}" y2="{y:.1f}"/>')
+        parts.append(f'<text x="{left - 4}" y="{y + 3:.1f}" text-anchor="end">{short_number(peak * fraction)}</text>')
+    for i in sorted({0, (len(columns) - 1) // 2, len(columns) - 1} if columns else ()):
+        x = left + step * (i + 0.5)
+        parts.append(f'<text x="{x:.1f}" y="{CHART_HEIGHT - 4}" text-anchor="middle">{html.escape(columns[i])}</text>')
+    colours = {name: colour for name, colour in zip(series, _series_colours(list(series)), strict=True)}
+    for i, column in enumerate(columns):
+        y = top + plot_h
+        for name, values in series.items():
+            if not values[i]:
+                continue
+            h = plot_h * values[i] / peak
+            y -= h
+            tip = html.escape(f"{column} · {name}: {values[i]:,} {unit}")
+            parts.append(
+                f'<rect x="{left + step * i + step * 0.1:.1f}" y="{y:.1f}" width="{step * 0.8:.1f}" height="{h:.1f}" '
+                f'style="fill: var({colours[name]})" data-column="{html.escape(column, quote=True)}" '
+                f'data-series="{html.escape(name, quote=True)}" data-value="{values[i]}"><title>{tip}</title></rect>'
+            )
+    for k, name in enumerate(series):
+        x, y = left + (k % 4) * (plot_w / 4), CHART_HEIGHT + legend_row * (k // 4) + 4
+        parts.append(f'<rect x="{x:.1f}" y="{y}" width="10" height="10" style="fill: var({colours[name]})"/>'
+                     f'<text x="{x + 14:.1f}" y="{y + 9}">{html.escape(name[:40])}</text>')
+    return (f'<svg class="jhi-chart" role="img" aria-label="{html.escape(caption, quote=True)}" '
+            f'viewBox="0 0 {CHART_WIDTH} {CHART_HEIGHT + legend_h + 4}" xmlns="http://www.w3.org/2000/svg">'
+            + "".join(parts) + "</svg>")
+
+
+def _series_colours(names: list[str]) -> list[str]:
+    """The theme's colours in order; the merged rest (`OTHERS`) gets the neutral one."""
+    palette = iter(SERIES_COLOURS)
+    return [OTHER_COLOUR if name == OTHERS else next(palette, OTHER_COLOUR) for name in names]
 
 
 def secret_html(secret: str) -> str:
