@@ -15,7 +15,7 @@ from .errors import BadRequest, Forbidden, NotFound, ServiceUnavailable
 from .identity import Identity, check_state
 from .orm import UserStatus
 from .permissions import PermissionPolicy
-from .usage import parse_time
+from .usage import UsageReports, parse_time
 from .users import HubUsers, UserDirectory, UserState
 
 log = logging.getLogger("hub_extension.admin")
@@ -31,20 +31,21 @@ VIEW_AS_SESSION_SECONDS = 30 * 60
 class UserAdmin:
     """Users as an admin sees them: the Hub's users merged with ours, and the changes an admin may make.
 
-    `hub` is None outside `hub` mode (and in the CLI): then only users this service has seen exist.
+    `hub` is None outside `hub` mode (and in the CLI): then only users this service has seen exist. `usage`
+    (`usage.UsageReports`) adds each user's requests and tokens of the last 30 days.
     """
 
-    def __init__(self, users: UserDirectory, permissions: PermissionPolicy, hub: HubUsers | None = None):
+    def __init__(self, users: UserDirectory, permissions: PermissionPolicy, hub: HubUsers | None = None,
+                 usage: UsageReports | None = None):
         self.users = users
         self.permissions = permissions
         self.hub = hub
+        self.usage = usage
         self._view_sessions: OrderedDict[tuple[str, str], float] = OrderedDict()  # (admin, user) -> audited at
 
-    def _merge(self, ours: dict | None, hub: dict | None) -> dict:
-        """One user's admin model. `status` is null for a Hub user who has not used the service yet.
-
-        There is deliberately no usage field until usage is metered (absent, not zero).
-        """
+    def _merge(self, ours: dict | None, hub: dict | None, usage: dict | None = None) -> dict:
+        """One user's admin model. `status` is null for a Hub user who has not used the service yet; `usage` is
+        the user's row of `UsageReports.per_user` (`usage_30d` is zeros without one, absent without metering)."""
         name = (ours or hub)["name"]
         if hub is not None:
             groups, roles, hub_admin = sorted(hub.get("groups") or ()), sorted(hub.get("roles") or ()), bool(
@@ -53,7 +54,7 @@ class UserAdmin:
         else:
             groups, roles, hub_admin = ours["groups"], ours["roles"], ours["hub_admin"]
         probe = UserState(0, name, "", hub_admin, tuple(groups), tuple(roles), True)
-        return {
+        model = {
             "name": name,
             "role": "admin" if self.permissions.is_admin(probe) else "user",
             "status": ours["status"] if ours else None,
@@ -65,13 +66,20 @@ class UserAdmin:
             "last_seen": ours["last_seen"] if ours else None,
             "hub_last_activity": hub.get("last_activity") if hub else None,
         }
+        if usage is not None:
+            model["usage_30d"] = usage.get(name) or {"requests": 0, "total_tokens": 0}
+        return model
+
+    async def _usage(self) -> dict | None:
+        return await self.usage.per_user() if self.usage is not None else None
 
     async def list(self, status: str | None = None) -> list[dict]:
         if status is not None and status not in UserStatus.ALL:
             raise BadRequest(f"Unknown status {status!r}; one of {', '.join(UserStatus.ALL)}.", param="status")
         ours = {u["name"]: u for u in await self.users.list()}
         hub = {u["name"]: u for u in await self.hub.list()} if self.hub is not None else {}
-        merged = [self._merge(ours.get(n), hub.get(n)) for n in sorted(set(ours) | set(hub))]
+        usage = await self._usage()
+        merged = [self._merge(ours.get(n), hub.get(n), usage) for n in sorted(set(ours) | set(hub))]
         return [u for u in merged if status is None or u["status"] == status]
 
     async def detail(self, name: str, models=()) -> dict:
@@ -85,7 +93,7 @@ class UserAdmin:
             hub, ours = None, {**ours, "hub_unreachable": True}
         if ours is None and hub is None:
             raise NotFound(f"No such user: {name}")
-        model = self._merge(ours, hub)
+        model = self._merge(ours, hub, await self._usage())
         model["grants"] = self.permissions.grants("user", name)
         model["permissions"] = self.permissions.effective(await self.lookup(name), models)
         return model

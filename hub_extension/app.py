@@ -31,7 +31,7 @@ from .net import parse_networks
 from .permissions import PermissionPolicy
 from .presets import PresetStore
 from .quotas import QuotaPolicy
-from .usage import UsageRecorder
+from .usage import UsageRecorder, UsageReports
 from .users import UserDirectory
 
 if TYPE_CHECKING:
@@ -301,7 +301,7 @@ jupyterhub-inference usage [--user NAME] [--since ISO] [--bucket day|hour|month]
             permissions=permissions,
             identity=self.identity,
             hub=hub_users,
-            admin=UserAdmin(users, permissions, hub_users),
+            admin=UserAdmin(users, permissions, hub_users, UsageReports(db)),
             models=models,
             usage=usage,
             quotas=quotas,

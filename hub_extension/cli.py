@@ -163,9 +163,12 @@ class UsersList(Command):
 
     async def act(self, db) -> int:
         from .administration import UserAdmin
+        from .usage import UsageReports
 
-        rows = await UserAdmin(self.users, self.permissions).list(self.status)
-        self.show(rows, ["name", "status", "role", "groups", "in_hub", "last_seen"])
+        rows = await UserAdmin(self.users, self.permissions, usage=UsageReports(db)).list(self.status)
+        for row in rows:
+            row["tokens_30d"] = row["usage_30d"]["total_tokens"]
+        self.show(rows, ["name", "status", "role", "groups", "in_hub", "last_seen", "tokens_30d"])
         return 0
 
 

@@ -29,7 +29,7 @@ from sqlalchemy import update
 from hub_extension import key_format
 from hub_extension.administration import AUDIT_LIMIT_MAX
 from hub_extension.db import Database
-from hub_extension.orm import User
+from hub_extension.orm import UsageRollup, User, utcnow
 from hub_extension.users import UserDirectory
 
 BOUND = 30 + 10 * max(CACHE_SECONDS, HUB_SYNC_SECONDS)  # generous: tests prove it happens, not how fast
@@ -175,10 +175,10 @@ def test_group_grants_two_models_and_embeddings(hub, instance):
     assert requests.get(url + f"api/groups/{group}/grants", headers=admin).json() == body
 
     users = {u["name"]: u for u in requests.get(url + "api/users", headers=admin).json()["users"]}
-    # Hub users who never called the service are listed too (no status yet); no usage field before metering.
+    # Hub users who never called the service are listed too (no status yet, no usage).
     assert users[outsider]["status"] is None and users[member]["groups"] == [group]
     assert users[admin_name]["role"] == "admin" and users["admin"]["role"] == "admin"
-    assert all("tokens_30d" not in u and "usage" not in u for u in users.values())
+    assert users[outsider]["usage_30d"] == {"requests": 0, "total_tokens": 0}
     # Reading a user the service has not seen describes them from the Hub and creates nothing.
     detail = requests.get(url + f"api/users/{outsider}", headers=admin).json()
     assert detail["status"] is None and detail["permissions"]["features"]["chat"]["allowed"] is True
@@ -321,6 +321,23 @@ def test_the_audit_log_holds_no_secret(hub, instance):
         assert hashes and not [h for h in hashes if h in text]
 
 
+def test_the_user_list_shows_each_users_usage(hub, instance):
+    admin = bearer(hub.api.user_token(hub.new_admin()))
+    user = hub.new_user("spender")
+    r = requests.post(instance.url + "v1/chat/completions", json=CHAT, headers=bearer(hub.api.user_token(user)))
+    assert r.status_code == 200, r.text
+    tokens = r.json()["usage"]["total_tokens"]
+
+    def usage(path: str) -> dict | None:
+        answer = requests.get(instance.url + path, headers=admin).json()
+        found = answer["users"] if "users" in answer else [answer]
+        return next(u["usage_30d"] for u in found if u["name"] == user)
+
+    wait_for(lambda: usage("api/users") == {"requests": 1, "total_tokens": tokens}, timeout=30,
+             what="the chat in the user list's usage")
+    assert usage(f"api/users/{user}") == {"requests": 1, "total_tokens": tokens}
+
+
 def test_cli(db_url, capsys):
     """`users list|disable|enable|approve|deny`, `grants show|set`, `audit` against a database."""
     db = Database(db_url, threads=1)
@@ -328,13 +345,23 @@ def test_cli(db_url, capsys):
     users = UserDirectory(db, cache_seconds=0, new_user_status="pending")
     for name in ("cli-ann", "cli-bob"):
         asyncio.run(users.seen_from_hub({"name": name}))
+    # cli-ann's use: two hours this month, and one long ago that the last 30 days leave out.
+    now = utcnow().replace(minute=0, second=0, microsecond=0)
+    for hour, prompt in ((now, 1000), (now - dt.timedelta(hours=5), 234), (now - dt.timedelta(days=60), 99)):
+        db.call(lambda s, h=hour, p=prompt: s.add(UsageRollup(
+            hour=h, day=h.strftime("%Y-%m-%d"), month=h.strftime("%Y-%m"), user="cli-ann", model="tiny-chat",
+            key_id=0, endpoint="/v1/chat/completions", requests=2, prompt_tokens=p, completion_tokens=1)))
     db.close()
 
     def cli(*argv) -> tuple[int, str]:
         return run_command(capsys, *argv, "--db-url", db_url)
 
     code, out = cli("users", "list")
-    assert code == 0 and "cli-ann" in out and "pending" in out
+    assert code == 0 and "cli-ann" in out and "pending" in out and "TOKENS_30D" in out
+    assert re.search(r"^cli-ann\s.*\s1236\s*$", out, re.M) and re.search(r"^cli-bob\s.*\s0\s*$", out, re.M), out
+    code, out = cli("users", "list", "--json")
+    assert {u["name"]: u["usage_30d"] for u in json.loads(out)} == {
+        "cli-ann": {"requests": 4, "total_tokens": 1236}, "cli-bob": {"requests": 0, "total_tokens": 0}}
     assert cli("users", "approve", "cli-ann") == (0, "cli-ann: active\n")
     assert cli("users", "enable", "cli-bob")[0] == 1  # pending: approve, not enable
     assert cli("users", "disable", "cli-bob") == (0, "cli-bob: disabled\n")

@@ -105,6 +105,7 @@ def test_admin_panel_workflow(hub):
     assert all(u["status"] == "pending" for u in panel.filtered)
     panel.search.value = alice
     assert [u["name"] for u in panel.filtered] == [alice]
+    assert "tokens (30 d)" in panel.users_table.value and all("usage_30d" in u for u in panel.filtered)
     panel.seen_filter.value = 1  # alice used the service today
     assert [u["name"] for u in panel.filtered] == [alice]
     panel.seen_filter.value = 0  # never

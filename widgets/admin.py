@@ -41,6 +41,12 @@ def seen_within(user: dict, days: int | None, now: dt.datetime) -> bool:
     return seen is not None and now - seen.astimezone(dt.UTC) <= dt.timedelta(days=days)
 
 
+def usage_cells(user: dict) -> tuple:
+    """Requests and tokens of the last 30 days ("" from a service without metering)."""
+    usage = user.get("usage_30d")
+    return (usage["requests"], f"{usage['total_tokens']:,}") if usage else ("", "")
+
+
 def optional_number(text: str, name: str) -> float | int | None:
     """A quota field: empty means nothing at this level (null); 0 means unlimited."""
     text = text.strip()
@@ -216,9 +222,9 @@ class AdminPanel(style.Panel):
             and seen_within(u, self.seen_filter.value, now)
         ]
         self.users_table.value = style.table(
-            ("name", "status", "role", "groups", "last seen"),
+            ("name", "status", "role", "groups", "last seen", "requests (30 d)", "tokens (30 d)"),
             [(u["name"], u["status"] or "never used", u["role"], ", ".join(u["groups"]),
-              u["last_seen"] or u["hub_last_activity"] or "never") for u in self.filtered],
+              u["last_seen"] or u["hub_last_activity"] or "never", *usage_cells(u)) for u in self.filtered],
         )
         self.user_choice.options = [("pick a user", None), *((u["name"], u["name"]) for u in self.filtered)]
         self.user_choice.value = self.selected if any(u["name"] == self.selected for u in self.filtered) else None
