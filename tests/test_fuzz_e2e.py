@@ -2,7 +2,8 @@
 
 For each operation, cases made from the document (valid ones, and invalid ones schemathesis derives from it) are
 sent as: a user's Hub token, a narrowed key of another user, a garbage credential, no credential, and an admin
-(reads only: an admin's writes would change what the other tests of the session see). Every answer must be
+(reads only: an admin's writes would change what the other tests of the session see). An admin's writes are
+fuzzed too, against an instance of their own (`admin_target`: its own PostgreSQL database, the same Hub). Every answer must be
 below 500, conform to the document (status, content type, body), never be a success without a valid credential,
 and never hold anything of the victim, a user whose key names and prefix the callers must never see.
 Bounded for CI: a few derandomized examples per operation, no shrinking, short generations.
@@ -19,9 +20,10 @@ from dataclasses import dataclass, field
 import pytest
 import requests
 import schemathesis
-from conftest import bearer
+from conftest import CACHE_SECONDS, HUB_SYNC_SECONDS, TEST_ROLES, ServiceThread, bearer, free_port
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
+from pg import temp_database
 from schemathesis import GenerationMode
 from schemathesis.core.failures import Failure, FailureGroup
 from schemathesis.specs.openapi.checks import (
@@ -133,12 +135,13 @@ def check(caller: Caller, case, response, mode: GenerationMode, findings: Findin
         findings.add(caller, case, response, f"does not conform: {str(e)[:400]}")
 
 
-def fuzz(base_url: str, operation, caller: Caller, mode: GenerationMode, findings: Findings) -> None:
+def fuzz(base_url: str, operation, caller: Caller, mode: GenerationMode, findings: Findings,
+         path_parameters: dict | None = None) -> None:
     session = requests.Session()
 
     @settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None, phases=[Phase.generate],
               suppress_health_check=list(HealthCheck))
-    @given(case=operation.as_strategy(generation_mode=mode))
+    @given(case=operation.as_strategy(generation_mode=mode, path_parameters=path_parameters))
     def run(case) -> None:
         send(case)
 
@@ -186,6 +189,66 @@ def test_fuzzing_finds_nothing(target):
     # The victim's key survived everyone else's fuzzing and still works.
     r = requests.get(instance.url + "v1/models", headers=bearer(victim_key["key"]), timeout=30)
     assert r.status_code == 200, r.text
+
+
+@pytest.fixture(scope="module")
+def admin_target(hub, model_config_file, tmp_path_factory):
+    """An instance of its own for an admin's writes: its own PostgreSQL database, the session's Hub (read only:
+    no admin route writes to the Hub), reached directly on loopback. Its document and an admin's credential."""
+    from traitlets.config import Config
+
+    tmp = tmp_path_factory.mktemp("fuzz-admin")
+    with temp_database("jhi_fuzz") as db_url:
+        port = free_port()
+        cfg = Config()
+        cfg.IdentityProvider.mode = "hub"
+        cfg.InferenceService.ip = "127.0.0.1"
+        cfg.InferenceService.port = port
+        cfg.InferenceService.base_url = "/"
+        cfg.InferenceService.db_url = db_url
+        cfg.InferenceService.models_config = str(model_config_file)
+        cfg.InferenceService.cookie_secret_file = str(tmp / "cookie-secret")
+        cfg.PermissionPolicy.hub_roles = TEST_ROLES
+        cfg.UserDirectory.sync_interval = HUB_SYNC_SECONDS
+        cfg.IdentityProvider.hub_token_cache_seconds = CACHE_SECONDS
+        cfg.UserDirectory.cache_seconds = CACHE_SECONDS
+        cfg.HubOAuth.api_url = f"{hub.url}/hub/api"
+        cfg.HubOAuth.api_token = hub.api.token
+        cfg.HubOAuth.oauth_client_id = "service-inference-fuzz-admin"
+        cfg.HubOAuth.access_scopes = set()
+        service = ServiceThread(cfg)
+        service.start()
+        try:
+            service.app.ready.wait(120)
+            if service.error:
+                raise service.error
+            url = f"http://127.0.0.1:{port}"
+            schema = schemathesis.openapi.from_dict(requests.get(url + "/openapi.json", timeout=30).json())
+            admin = Caller("admin", bearer(hub.api.user_token(hub.new_admin())), valid=True)
+            subject = hub.new_user("fuzzsubject")  # a user the instance knows, for the routes that name one
+            assert requests.get(url + "/api/me", headers=bearer(hub.api.user_token(subject)), timeout=30).ok
+            yield url, schema, admin, subject
+        finally:
+            service.stop()
+
+
+def test_an_admins_writes_find_nothing(admin_target):
+    """Every admin operation, valid and invalid cases: no 5xx, answers as documented, invalid input refused."""
+    url, schema, admin, subject = admin_target
+    findings = Findings()
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        if not operation.path.startswith("/api/"):
+            continue
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            fuzz(url, operation, admin, mode, findings)
+            if "name" in {p.name for p in operation.path_parameters}:  # and aimed at a user who exists
+                fuzz(url, operation, admin, mode, findings, {"name": subject})
+    assert not findings.problems, f"{len(findings.problems)} problem(s):\n" + "\n".join(findings.problems)
+    succeeded = {(m, p) for (_c, m, p, status), n in findings.statuses.items() if 200 <= status < 300}
+    writes = {(m, p) for m, p in succeeded if m != "GET"}
+    assert {("POST", "/api/invites"), ("PUT", "/api/users/{name}/grants")} <= writes and len(writes) >= 10, writes
+    assert requests.get(url + "/health", timeout=30).status_code == 200
 
 
 def aim(base_url: str, operation, caller: Caller, path_parameters: dict, findings: Findings) -> None:
