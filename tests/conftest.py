@@ -9,6 +9,7 @@ Hub's proxy on both databases, and tests can look inside that instance (statemen
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import secrets
@@ -288,6 +289,49 @@ class ServiceThread(threading.Thread):
         self.join(30)
 
 
+@contextlib.contextmanager
+def direct_instance(hub, models_config, db_url: str, tmp: Path, name: str, configure=None):
+    """Another instance of the service in this process, checking credentials with the session's Hub but reached
+    directly on loopback (not through the proxy); `configure(cfg)` adds settings. Yields its URL (ending in /)."""
+    from traitlets.config import Config
+
+    port = free_port()
+    cfg = Config()
+    cfg.IdentityProvider.mode = "hub"
+    cfg.InferenceService.ip = "127.0.0.1"
+    cfg.InferenceService.port = port
+    cfg.InferenceService.base_url = "/"
+    cfg.InferenceService.db_url = db_url
+    cfg.InferenceService.models_config = str(models_config)
+    cfg.InferenceService.cookie_secret_file = str(tmp / f"{name}-cookie-secret")
+    cfg.PermissionPolicy.hub_roles = TEST_ROLES
+    cfg.UserDirectory.sync_interval = HUB_SYNC_SECONDS
+    cfg.IdentityProvider.hub_token_cache_seconds = CACHE_SECONDS
+    cfg.UserDirectory.cache_seconds = CACHE_SECONDS
+    cfg.HubOAuth.api_url = f"{hub.url}/hub/api"
+    cfg.HubOAuth.api_token = hub.api.token
+    cfg.HubOAuth.oauth_client_id = f"service-inference-{name}"
+    cfg.HubOAuth.access_scopes = set()
+    if configure is not None:
+        configure(cfg)
+    with running(cfg):
+        yield f"http://127.0.0.1:{port}/"
+
+
+@contextlib.contextmanager
+def running(cfg):
+    """A `ServiceThread` on `cfg`, started and ready (or its start error raised), stopped on exit."""
+    service = ServiceThread(cfg)
+    service.start()
+    try:
+        service.app.ready.wait(120)
+        if service.error:
+            raise service.error
+        yield service
+    finally:
+        service.stop()
+
+
 UPSTREAM_ENTRIES = """
   - name: upstream-chat
     task: chat
@@ -388,34 +432,29 @@ def hub(tmp_path_factory, model_config_file, pg_url):  # noqa: F811
     cfg.HubOAuth.hub_prefix = "/hub/"
     cfg.HubOAuth.access_scopes = {"access:services!service=inference-pg", "access:services"}
     cfg.HubOAuth.oauth_redirect_uri = f"{public}/services/inference-pg/oauth_callback"
-    service = ServiceThread(cfg)
-    service.start()
     try:
-        service.app.ready.wait(120)
-        if service.error:
-            raise service.error
-        def up(prefix: str) -> bool:
-            if proc.poll() is not None:
-                raise RuntimeError(f"jupyterhub exited: {log_path.read_text()[-3000:]}")
-            return requests.get(f"{public}/services/{prefix}/health", timeout=5).status_code == 200
+        with running(cfg) as service:
+            def up(prefix: str) -> bool:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"jupyterhub exited: {log_path.read_text()[-3000:]}")
+                return requests.get(f"{public}/services/{prefix}/health", timeout=5).status_code == 200
 
-        for prefix in ("inference", "inference-pg"):
-            wait_for(
-                lambda p=prefix: up(p),
-                timeout=180, interval=0.3, what=f"{prefix} behind the Hub proxy (log: {log_path})",
+            for prefix in ("inference", "inference-pg"):
+                wait_for(
+                    lambda p=prefix: up(p),
+                    timeout=180, interval=0.3, what=f"{prefix} behind the Hub proxy (log: {log_path})",
+                )
+            yield Hub(
+                url=public,
+                api=HubAPI(public, tokens["tester"]),
+                instances={
+                    "sqlite": Instance("inference", "sqlite", f"{public}/services/inference/"),
+                    "postgresql": Instance("inference-pg", "postgresql", f"{public}/services/inference-pg/", service.app),
+                },
+                process=proc,
+                log_path=log_path,
             )
-        yield Hub(
-            url=public,
-            api=HubAPI(public, tokens["tester"]),
-            instances={
-                "sqlite": Instance("inference", "sqlite", f"{public}/services/inference/"),
-                "postgresql": Instance("inference-pg", "postgresql", f"{public}/services/inference-pg/", service.app),
-            },
-            process=proc,
-            log_path=log_path,
-        )
     finally:
-        service.stop()
         stop_hub(proc, tmp / "proxy.pid", cmdline_marker=f"--InferenceService.port={ports['service']}",
                  env_marker=f"JUPYTERHUB_API_URL=http://127.0.0.1:{ports['hub']}/hub/api")
 

@@ -17,10 +17,8 @@ import requests
 from conftest import (
     CACHE_SECONDS,
     HUB_SYNC_SECONDS,
-    TEST_ROLES,
-    ServiceThread,
     bearer,
-    free_port,
+    direct_instance,
     run_command,
     wait_for,
 )
@@ -55,34 +53,14 @@ def strict(hub, model_config_file, tmp_path_factory):
     It authenticates against the test Hub with the test's Hub client token and is reached directly on loopback:
     what it proves is that a role in the Hub's `load_roles` (config as code) grants features and models.
     """
-    from traitlets.config import Config
+    def allow_list(cfg) -> None:
+        cfg.PermissionPolicy.feature_defaults = {"embeddings": False}
+        cfg.PermissionPolicy.model_default_allow = False
 
-    port = free_port()
-    cfg = Config()
-    cfg.IdentityProvider.mode = "hub"
-    cfg.InferenceService.ip = "127.0.0.1"
-    cfg.InferenceService.port = port
-    cfg.InferenceService.base_url = "/"
-    cfg.InferenceService.db_url = f"sqlite:///{tmp_path_factory.mktemp('strict') / 'strict.sqlite'}"
-    cfg.InferenceService.models_config = str(model_config_file)
-    cfg.InferenceService.cookie_secret_file = str(tmp_path_factory.mktemp('strict') / "cookie-secret")
-    cfg.PermissionPolicy.feature_defaults = {"embeddings": False}
-    cfg.PermissionPolicy.model_default_allow = False
-    cfg.PermissionPolicy.hub_roles = TEST_ROLES
-    cfg.UserDirectory.sync_interval = HUB_SYNC_SECONDS
-    cfg.IdentityProvider.hub_token_cache_seconds = CACHE_SECONDS
-    cfg.UserDirectory.cache_seconds = CACHE_SECONDS
-    cfg.HubOAuth.api_url = f"{hub.url}/hub/api"
-    cfg.HubOAuth.api_token = hub.api.token
-    cfg.HubOAuth.oauth_client_id = "service-inference-strict"
-    cfg.HubOAuth.access_scopes = set()
-    service = ServiceThread(cfg)
-    service.start()
-    service.app.ready.wait(120)
-    if service.error:
-        raise service.error
-    yield f"http://127.0.0.1:{port}/"
-    service.stop()
+    tmp = tmp_path_factory.mktemp("strict")
+    with direct_instance(hub, model_config_file, f"sqlite:///{tmp / 'strict.sqlite'}", tmp, "strict",
+                         allow_list) as url:
+        yield url
 
 
 def test_hub_role_grants_reach_the_service(hub, strict):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import pytest
 import requests
 import schemathesis
-from conftest import CACHE_SECONDS, HUB_SYNC_SECONDS, TEST_ROLES, ServiceThread, bearer, free_port
+from conftest import bearer, direct_instance
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from pg import temp_database
@@ -195,41 +195,14 @@ def test_fuzzing_finds_nothing(target):
 def admin_target(hub, model_config_file, tmp_path_factory):
     """An instance of its own for an admin's writes: its own PostgreSQL database, the session's Hub (read only:
     no admin route writes to the Hub), reached directly on loopback. Its document and an admin's credential."""
-    from traitlets.config import Config
-
     tmp = tmp_path_factory.mktemp("fuzz-admin")
-    with temp_database("jhi_fuzz") as db_url:
-        port = free_port()
-        cfg = Config()
-        cfg.IdentityProvider.mode = "hub"
-        cfg.InferenceService.ip = "127.0.0.1"
-        cfg.InferenceService.port = port
-        cfg.InferenceService.base_url = "/"
-        cfg.InferenceService.db_url = db_url
-        cfg.InferenceService.models_config = str(model_config_file)
-        cfg.InferenceService.cookie_secret_file = str(tmp / "cookie-secret")
-        cfg.PermissionPolicy.hub_roles = TEST_ROLES
-        cfg.UserDirectory.sync_interval = HUB_SYNC_SECONDS
-        cfg.IdentityProvider.hub_token_cache_seconds = CACHE_SECONDS
-        cfg.UserDirectory.cache_seconds = CACHE_SECONDS
-        cfg.HubOAuth.api_url = f"{hub.url}/hub/api"
-        cfg.HubOAuth.api_token = hub.api.token
-        cfg.HubOAuth.oauth_client_id = "service-inference-fuzz-admin"
-        cfg.HubOAuth.access_scopes = set()
-        service = ServiceThread(cfg)
-        service.start()
-        try:
-            service.app.ready.wait(120)
-            if service.error:
-                raise service.error
-            url = f"http://127.0.0.1:{port}"
-            schema = schemathesis.openapi.from_dict(requests.get(url + "/openapi.json", timeout=30).json())
-            admin = Caller("admin", bearer(hub.api.user_token(hub.new_admin())), valid=True)
-            subject = hub.new_user("fuzzsubject")  # a user the instance knows, for the routes that name one
-            assert requests.get(url + "/api/me", headers=bearer(hub.api.user_token(subject)), timeout=30).ok
-            yield url, schema, admin, subject
-        finally:
-            service.stop()
+    with temp_database("jhi_fuzz") as db_url, direct_instance(hub, model_config_file, db_url, tmp, "fuzz") as url:
+        url = url.rstrip("/")
+        schema = schemathesis.openapi.from_dict(requests.get(url + "/openapi.json", timeout=30).json())
+        admin = Caller("admin", bearer(hub.api.user_token(hub.new_admin())), valid=True)
+        subject = hub.new_user("fuzzsubject")  # a user the instance knows, for the routes that name one
+        assert requests.get(url + "/api/me", headers=bearer(hub.api.user_token(subject)), timeout=30).ok
+        yield url, schema, admin, subject
 
 
 def test_an_admins_writes_find_nothing(admin_target):
