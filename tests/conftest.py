@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -198,10 +198,12 @@ class HubAPI:
 
     url: str  # public URL of the proxy, e.g. http://127.0.0.1:PORT
     token: str
-    session: requests.Session = field(default_factory=requests.Session)
 
     def request(self, method: str, path: str, **kw) -> requests.Response:
-        r = self.session.request(method, f"{self.url}/hub/api{path}", headers={"Authorization": f"token {self.token}"}, timeout=30, **kw)
+        # A connection per call: a kept-alive one can be closed by the proxy (idle for 5 s) just as a request
+        # goes out on it, and a POST is not retried ("Remote end closed connection without response").
+        r = requests.request(method, f"{self.url}/hub/api{path}", headers={"Authorization": f"token {self.token}"},
+                             timeout=30, **kw)
         r.raise_for_status()
         return r
 
