@@ -48,6 +48,11 @@ def _key_fields(name: str, expires_in_days: int | None, features, models) -> dic
     return body
 
 
+# A connection idle this long is not reused. The Hub's proxy (Node) closes idle ones after 5 s, httpx's own
+# default: a request sent on one just as the proxy closed it fails, and a POST is not retried.
+KEEPALIVE_SECONDS = 2.0
+
+
 class InferenceClient:
     """Synchronous calls to the service's `/api` and `/v1` routes with one credential.
 
@@ -60,7 +65,7 @@ class InferenceClient:
         self.base_url = base_url.rstrip("/") + "/"
         self.token = token
         self.acting_as = acting_as
-        self.http = http or httpx.Client(timeout=timeout)
+        self.http = http or httpx.Client(timeout=timeout, limits=httpx.Limits(keepalive_expiry=KEEPALIVE_SECONDS))
 
     @classmethod
     def from_environment(cls, **kwargs) -> InferenceClient:

@@ -85,3 +85,11 @@ def test_requests_carry_the_credential_act_as_and_quoted_names(server):
     assert "t0k" not in repr(client)
     with pytest.raises(ValueError):
         client.grants("role", "x")
+
+
+def test_idle_connections_are_dropped_before_the_proxy_drops_them():
+    """The Hub's proxy closes connections idle for 5 s; the client never reuses one idle that long."""
+    from kernel_ext.service_api import KEEPALIVE_SECONDS, InferenceClient
+
+    client = InferenceClient("http://127.0.0.1:9/", "token")
+    assert KEEPALIVE_SECONDS < 5 and client.http._transport._pool._keepalive_expiry == KEEPALIVE_SECONDS

@@ -138,3 +138,11 @@ async def test_one_slot_per_request_taken_before_the_first_await(upstream):
     assert backend.in_flight() == 1 and len(gen.finish_reasons) == 4
     gen.cancel()
     assert backend.in_flight() == 0
+
+
+async def test_idle_connections_are_dropped_before_the_upstream_drops_them(upstream):
+    """uvicorn (vLLM) and Node close connections idle for 5 s, httpx's own default: ours stop sooner."""
+    from hub_extension.engine.upstream import KEEPALIVE_SECONDS
+
+    backend = upstream.backend("html")
+    assert KEEPALIVE_SECONDS < 5 and backend.client._transport._pool._keepalive_expiry == KEEPALIVE_SECONDS

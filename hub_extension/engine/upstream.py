@@ -26,6 +26,11 @@ from .registry import ModelSpec
 log = logging.getLogger("hub_extension.engine")
 
 
+# A connection idle this long is not reused: servers close idle ones after a few seconds (uvicorn, so vLLM: 5 s;
+# Node: 5 s), and a request sent on one just as it closes fails ("unreachable") without being retried.
+KEEPALIVE_SECONDS = 2.0
+
+
 class UpstreamError(ApiError):
     status = 502
     type = "server_error"
@@ -133,7 +138,8 @@ class UpstreamBackend:
         self.capacity = spec.max_concurrency + spec.max_queue
         headers = {"Authorization": f"Bearer {up.api_key}"} if up.api_key else {}
         self.client = httpx.AsyncClient(
-            base_url=up.base_url + "/", headers=headers, timeout=httpx.Timeout(up.timeout, connect=10.0)
+            base_url=up.base_url + "/", headers=headers, timeout=httpx.Timeout(up.timeout, connect=10.0),
+            limits=httpx.Limits(keepalive_expiry=KEEPALIVE_SECONDS),
         )
         self._inflight = 0
         self._closing: set[asyncio.Task] = set()  # streams cancel() is closing, kept until closed
