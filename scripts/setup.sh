@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PYTHON:-python3}
 STAMP=.venv/.setup-stamp
-HASH=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+HASH=$(cat pyproject.toml scripts/setup.sh scripts/jupyterlab-overrides.json | sha256sum | cut -d' ' -f1)
 
 need_apt=()
 command -v node >/dev/null || need_apt+=(nodejs npm)
@@ -33,5 +33,8 @@ NPM=$!
 wait $NPM
 [ -x .node/node_modules/.bin/configurable-http-proxy ] || { echo "setup: configurable-http-proxy failed to install"; exit 1; }
 [ -d .node/node_modules/oidc-provider ] || { echo "setup: oidc-provider (the tests' OIDC provider) failed to install"; exit 1; }
+# JupyterLab in spawned servers: no prompt to fetch news or check for updates (these machines may be offline).
+mkdir -p .venv/share/jupyter/lab/settings
+cp scripts/jupyterlab-overrides.json .venv/share/jupyter/lab/settings/overrides.json
 echo "$HASH" > "$STAMP"
 echo "setup: done"

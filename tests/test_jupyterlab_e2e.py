@@ -93,6 +93,8 @@ def test_account_panel_in_jupyterlab(hub, notebook_servers, page):
     except PlaywrightError:  # a late refresh redrew it: the screenshot is only an artefact
         pass
     screenshot(page, "jupyterlab-account-panel-usage-chart")
+    # `make setup`'s JupyterLab settings: no prompt to fetch news from the internet (these machines may be offline).
+    assert page.get_by_text("official Jupyter news").count() == 0
 
 
 def test_create_a_key_on_the_account_page(hub, page):
