@@ -70,8 +70,8 @@ class UserAdmin:
             model["usage_30d"] = usage.get(name) or {"requests": 0, "total_tokens": 0}
         return model
 
-    async def _usage(self) -> dict | None:
-        return await self.usage.per_user() if self.usage is not None else None
+    async def _usage(self, users: list[str] | None = None) -> dict | None:
+        return await self.usage.per_user(users) if self.usage is not None else None
 
     async def list(self, status: str | None = None) -> list[dict]:
         if status is not None and status not in UserStatus.ALL:
@@ -93,7 +93,7 @@ class UserAdmin:
             hub, ours = None, {**ours, "hub_unreachable": True}
         if ours is None and hub is None:
             raise NotFound(f"No such user: {name}")
-        model = self._merge(ours, hub, await self._usage())
+        model = self._merge(ours, hub, await self._usage([name]))
         model["grants"] = self.permissions.grants("user", name)
         model["permissions"] = self.permissions.effective(await self.lookup(name), models)
         return model

@@ -454,21 +454,23 @@ class UsageReports:
             })
         return rows
 
-
-    async def per_user(self, since: dt.datetime | None = None, until: dt.datetime | None = None) -> dict[str, dict]:
+    async def per_user(self, users: list[str] | None = None, since: dt.datetime | None = None,
+                       until: dt.datetime | None = None) -> dict[str, dict]:
         """Each user's requests and tokens over a range (the last 30 days by default), for the admin's user list:
-        one grouped query, a row per user who used the service."""
+        one grouped query, a row per user (of `users`, if given) who used the service."""
         since, until = report_range(since, until)
-        return await self.db.run(self._per_user, since, until)
+        return await self.db.run(self._per_user, users, since, until)
 
     @staticmethod
-    def _per_user(session: Session, since: dt.datetime, until: dt.datetime) -> dict[str, dict]:
+    def _per_user(session: Session, users: list[str] | None, since: dt.datetime, until: dt.datetime) -> dict[str, dict]:
         c = ROLLUPS.c
         query = (
             select(c.user, func.sum(c.requests), func.sum(c.prompt_tokens), func.sum(c.completion_tokens))
             .where(c.hour >= since.replace(minute=0, second=0, microsecond=0), c.hour < until)
             .group_by(c.user)
         )
+        if users is not None:
+            query = query.where(c.user.in_(users))
         return {user: {"requests": int(requests), "total_tokens": int(prompt) + int(completion)}
                 for user, requests, prompt, completion in session.execute(query)}
 
