@@ -63,6 +63,10 @@ class OAuthHub:
     def callback_url(self) -> str:
         return f"{self.url}/hub/oauth_callback"
 
+    def user(self, name: str) -> dict:
+        """The Hub's model of a user (admin flag, groups)."""
+        return self.api.request("GET", f"/users/{name}").json()
+
     def config(self) -> str:
         service_config = self.tmp / "inference_config.py"
         service_config.write_text(f"c = get_config()\nc.InferenceService.db_url = {self.service_db!r}\n")

@@ -60,16 +60,12 @@ c.GitHubLogin.admin_emails = {{{ADMIN_EMAIL!r}}}
             assert BLOCKED not in hub.log()
 
 
-def hub_user(hub: OAuthHub, name: str) -> dict:
-    return hub.api.request("GET", f"/users/{name}").json()
-
-
 @pytest.mark.e2e
 def test_login_with_a_verified_admin_email(github_hub):
     hub, github = github_hub
     r = follow_login(requests.Session(), hub, "octo", "octo-password")
     assert r.status_code == 200 and r.url.endswith("/hub/home"), r.text[:500]
-    assert hub_user(hub, "octo")["admin"] is True
+    assert hub.user("octo")["admin"] is True
     assert hub.service_status("octo") == "active"  # an admin is let in in every mode
     # What the Hub asked GitHub: the token, the user, its e-mails and the organisation membership.
     asked = {path for _, path in github.requests}
@@ -84,7 +80,7 @@ def test_no_admin_without_a_verified_primary_admin_email(github_hub, name):
     r = follow_login(requests.Session(), hub, name, USERS[name].password)
     assert r.status_code == 200 and r.url.endswith("/hub/registration/pending"), r.url
     assert "waiting for an administrator" in r.text
-    assert hub_user(hub, name)["admin"] is False
+    assert hub.user(name)["admin"] is False
     assert hub.service_status(name) == "pending"
 
 
@@ -97,7 +93,7 @@ def test_approval_lets_the_next_login_in(github_hub):
     assert hub.service("POST", "api/users/sneaky/approve", token).status_code == 200
     r = follow_login(session, hub, "sneaky", "sneaky-password")
     assert r.status_code == 200 and r.url.endswith("/hub/home"), r.url
-    assert hub_user(hub, "sneaky")["admin"] is False
+    assert hub.user("sneaky")["admin"] is False
 
 
 @pytest.mark.e2e
@@ -107,7 +103,7 @@ def test_the_organisation_restriction(github_hub):
     assert r.status_code == 403
     assert f"not a member of an organisation allowed on this Hub ({ORG})" in r.text
     with pytest.raises(requests.HTTPError) as e:
-        hub_user(hub, "outsider")
+        hub.user("outsider")
     assert e.value.response.status_code == 404
     assert hub.service_status("outsider") is None
 

@@ -115,16 +115,12 @@ def oidc_invite_hub(oidc):
     yield from started(oidc, "invite")
 
 
-def hub_user(hub: OAuthHub, name: str) -> dict:
-    return hub.api.request("GET", f"/users/{name}").json()
-
-
 @pytest.mark.e2e
 def test_login_creates_the_user_with_the_providers_groups(oidc_hub):
     hub, _ = oidc_hub
     r = follow_login(requests.Session(), hub, "alice", "alice-password")
     assert r.status_code == 200 and urlsplit(r.url).path == "/hub/home", r.text[:500]
-    user = hub_user(hub, "alice")
+    user = hub.user("alice")
     assert sorted(user["groups"]) == ["embedders", "researchers"]
     assert user["admin"] is False
     assert hub.service_status("alice") == "active"  # open mode: made active in the service at first login
@@ -141,7 +137,7 @@ def test_admin_only_for_a_verified_admin_email(oidc_hub):
     for name, admin in (("carol", True), ("mallory", False)):
         r = follow_login(requests.Session(), hub, name, USERS[name]["password"])
         assert r.status_code == 200, r.text[:500]
-        assert hub_user(hub, name)["admin"] is admin, name
+        assert hub.user(name)["admin"] is admin, name
 
 
 @pytest.mark.e2e
@@ -149,7 +145,7 @@ def test_the_name_admin_is_not_an_admin(oidc_hub):
     hub, _ = oidc_hub
     r = follow_login(requests.Session(), hub, "admin", "admin-password")
     assert r.status_code == 200, r.text[:500]
-    assert hub_user(hub, "admin")["admin"] is False
+    assert hub.user("admin")["admin"] is False
 
 
 @pytest.mark.e2e
@@ -163,7 +159,7 @@ def test_login_in_a_browser(oidc_hub, page):
     page.click("#submit")
     page.wait_for_url(f"{hub.url}/hub/home")
     assert page.get_by_text("Start My Server").is_visible()
-    assert hub_user(hub, "dana")["groups"] == ["researchers"]
+    assert hub.user("dana")["groups"] == ["researchers"]
 
 
 @pytest.mark.e2e
@@ -171,7 +167,7 @@ def test_an_invite_carries_a_person_through_the_provider(oidc_invite_hub):
     hub, _ = oidc_invite_hub
     # The verified admin e-mail gets in without an invite (an admin is let in in every mode).
     assert follow_login(requests.Session(), hub, "carol", "carol-password").url.endswith("/hub/home")
-    assert hub_user(hub, "carol")["admin"] is True
+    assert hub.user("carol")["admin"] is True
     r = hub.service("POST", "api/invites", hub.api.user_token("carol"), json={"groups": ["invited-team"]})
     assert r.status_code == 201, r.text
     invite = r.json()["url"]
@@ -184,13 +180,13 @@ def test_an_invite_carries_a_person_through_the_provider(oidc_invite_hub):
     assert session.get(invite, timeout=30).status_code == 200
     r = follow_login(session, hub, "dana", "dana-password")
     assert r.status_code == 200 and r.url.endswith("/hub/home"), r.url
-    assert sorted(hub_user(hub, "dana")["groups"]) == ["invited-team", "researchers"]
+    assert sorted(hub.user("dana")["groups"]) == ["invited-team", "researchers"]
     assert hub.service_status("dana") == "active"
     # The provider's groups replace the Hub's at every login; the invite's come back with them.
     again = requests.Session()
     r = follow_login(again, hub, "dana", "dana-password")
     assert r.status_code == 200 and r.url.endswith("/hub/home"), r.url
-    assert sorted(hub_user(hub, "dana")["groups"]) == ["invited-team", "researchers"]
+    assert sorted(hub.user("dana")["groups"]) == ["invited-team", "researchers"]
     # Used once: the next person who follows the same link is told so, and cannot get in with it.
     session = requests.Session()
     r = session.get(invite, timeout=30)
