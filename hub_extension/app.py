@@ -580,3 +580,18 @@ def main(argv=None) -> None:
     except (ValueError, TraitError) as e:  # a bad setting (ConfigError is a ValueError): say which, no traceback
         print(f"jupyterhub-inference: configuration error: {e}", file=sys.stderr)
         sys.exit(1)
+    _exit_now_if_a_model_is_loading()
+
+
+def _exit_now_if_a_model_is_loading() -> None:
+    """After an orderly stop everything is written; a model still loading on its daemon thread would make the
+    interpreter's teardown abort (SIGABRT, "terminate called without an active exception"), so leave without it."""
+    manager = sys.modules.get("hub_extension.engine.manager")  # never imported: no model was ever loaded
+    loading = manager.loads_in_progress() if manager is not None else []
+    if not loading:
+        return
+    logging.getLogger("InferenceService").info("exiting while model(s) still load: %s", ", ".join(loading))
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

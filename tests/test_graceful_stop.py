@@ -150,3 +150,22 @@ def test_what_outlasts_the_grace_is_cut_off_and_the_process_exits(tmp_path, mode
             service.stop(signal.SIGKILL)
     assert "cutting off" in service.output()
     assert any(s.error is not None or s.finish_reason is None for s in streams)  # the queue was not served
+
+
+def test_a_stop_while_a_model_loads_exits_cleanly(tmp_path):
+    """SIGTERM while a model still loads on its thread: the process exits 0 without waiting for the load, and
+    without the interpreter's teardown under it (torch aborts a process torn down mid-load: SIGABRT)."""
+    registry = tmp_path / "models.yaml"
+    # `builtin:tiny-30M` is built on its first load into an empty `build_dir`: seconds of work to interrupt.
+    registry.write_text(f"build_dir: {tmp_path / 'build'}\nmodels:\n"
+                        "  - {name: big, source: 'builtin:tiny-30M', task: chat, engine: generate}\n")
+    service = start(tmp_path, registry, grace=600)
+    try:
+        wait_for(lambda: "loading model 'big'" in service.output(), 60, 0.02, "the load begun")
+        service.proc.send_signal(signal.SIGTERM)
+        assert service.stop(timeout=60) == 0, service.output()[-3000:]
+    finally:
+        if service.proc.poll() is None:
+            service.stop(signal.SIGKILL)
+    assert "exiting while model(s) still load: big" in service.output(), service.output()[-3000:]
+    assert "model 'big' loaded" not in service.output()

@@ -1,7 +1,7 @@
 """The `ModelManager`: every backend by name, loaded at start or on first use, unloaded when idle.
 
-Loading runs on a worker thread (`asyncio.to_thread`), so a model loading for a minute never stalls the
-other models' streams. The manager knows models only: who may use which is the handlers' question.
+Loading runs on a daemon thread of its own, so a model loading for a minute never stalls the other models'
+streams, and a process asked to stop meanwhile need not wait for it (`loads_in_progress`). The manager knows models only: who may use which is the handlers' question.
 """
 
 from __future__ import annotations
@@ -215,8 +215,21 @@ def _in_daemon_thread(fn, *args) -> asyncio.Future:
         except RuntimeError:  # the loop is gone: the service stopped meanwhile
             pass
 
-    threading.Thread(target=work, name=f"load-{getattr(args[0], 'name', 'model')}", daemon=True).start()
+    thread = threading.Thread(target=work, name=f"load-{getattr(args[0], 'name', 'model')}", daemon=True)
+    _LOADS.add(thread)
+    thread.start()
     return future
+
+
+_LOADS: set[threading.Thread] = set()  # every load thread started; finished ones are dropped when counted
+
+
+def loads_in_progress() -> list[str]:
+    """The models still loading on their daemon threads. A process exiting now must not run the interpreter's
+    teardown under them: torch aborts the process (SIGABRT) when its native threads are torn down mid-load."""
+    for thread in [t for t in _LOADS if not t.is_alive()]:
+        _LOADS.discard(thread)
+    return sorted(t.name.removeprefix("load-") for t in _LOADS)
 
 
 _LOADING = threading.Lock()  # one model loads at a time: concurrent first imports of transformers fail
