@@ -289,6 +289,7 @@ jupyterhub-inference usage [--user NAME] [--since ISO] [--bucket day|hour|month]
         quotas = QuotaPolicy(db, parent=self)
         quotas.load()
         usage.flushed_callbacks.append(quotas.on_flushed)
+        users.on_retired.append(quotas.forget_user)
         metrics = Metrics(parent=self)
         metrics.watch(models, usage)
         self.identity.on_failure = metrics.auth_failure

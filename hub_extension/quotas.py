@@ -31,7 +31,7 @@ import math
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy import func, select
@@ -246,6 +246,7 @@ class QuotaPolicy(LoggingConfigurable):
         self._day: dict[str, int] = {}  # user -> tokens the database has for today
         self._month_base: dict[str, int] = {}  # user -> tokens the database has for this month before today
         self._base_read_at = -math.inf
+        self._forgotten = 0  # bumped when spending moved away from a name: a read that began before is not applied
         self._unflushed: dict[str, Counter] = {}  # user -> day -> tokens settled here, not yet written
         self._reserved: dict[str, Counter] = {}  # user -> day -> tokens held by open reservations
         self._flushed_during_read: dict[str, Counter] | None = None
@@ -391,17 +392,17 @@ class QuotaPolicy(LoggingConfigurable):
     def load(self) -> None:
         """Read limits and spending now (blocking: at start, or from the CLI)."""
         if self.db is not None:
-            now, ticket = self.clock(), next(self._tickets)
-            self._apply(now, ticket, self.db.call(_read, *self._read_args(now)))
+            now, ticket, forgotten = self.clock(), next(self._tickets), self._forgotten
+            self._apply(now, ticket, self.db.call(_read, *self._read_args(now)), forgotten)
 
     async def sync(self) -> None:
         """Re-read limits and what every replica spent (off the event loop); run every `sync_seconds`."""
         if self.db is not None:
-            now, ticket = self.clock(), next(self._tickets)
+            now, ticket, forgotten = self.clock(), next(self._tickets), self._forgotten
             self._flushed_during_read = {}  # flushes committed from now on may be missing from this read
             try:
                 read = await self.db.run(_read, *self._read_args(now))
-                self._apply(now, ticket, read)
+                self._apply(now, ticket, read, forgotten)
             finally:
                 self._flushed_during_read = None
 
@@ -412,10 +413,10 @@ class QuotaPolicy(LoggingConfigurable):
         with_base = now - self._base_read_at > BASE_REFRESH_SECONDS
         return windows, now - MINUTE, sorted(self._rate_users), with_base
 
-    def _apply(self, now: float, ticket: int, read: _Read) -> None:
+    def _apply(self, now: float, ticket: int, read: _Read, forgotten: int) -> None:
         self._apply_snapshot(ticket, read.snapshot)
-        if read.windows != self._windows:
-            return  # the day changed during the read: the next sync reads the new one
+        if read.windows != self._windows or forgotten != self._forgotten:
+            return  # the day changed, or spending moved, during the read: the next sync reads it anew
         late = self._flushed_during_read or {}
         day = read.windows.day
         self._day = {u: read.day.get(u, 0) + late.get(u, {}).get(day, 0) for u in read.day.keys() | late.keys()}
@@ -444,9 +445,24 @@ class QuotaPolicy(LoggingConfigurable):
             self._applied, self.snapshot = ticket, snapshot
 
     async def reload_limits(self) -> None:
-        """Re-read the quotas table only (after a change made here: it applies at once)."""
+        """Re-read the quotas table now (after a change made here: it applies at once; or on another replica:
+        `notify.py`), and what was spent at the next sync: a user deleted in the Hub takes their spending along."""
+        self._forget_base()
         ticket = next(self._tickets)
         self._apply_snapshot(ticket, await self.db.run(QuotaSnapshot.load))
+
+    def forget_user(self, user: str) -> None:
+        """`user` was deleted in the Hub; their own quota row is gone and their usage moved away from the name
+        (`users.py`): whoever gets the name next starts from nothing, at once; the next sync re-reads the rest."""
+        snap = self.snapshot
+        self._apply_snapshot(next(self._tickets), replace(snap, users={u: q for u, q in snap.users.items() if u != user}))
+        for table in (self._day, self._month_base, self._unflushed):
+            table.pop(user, None)
+        self._forget_base()
+
+    def _forget_base(self) -> None:
+        self._base_read_at = -math.inf
+        self._forgotten += 1
 
     # -- what is left -----------------------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from .api_keys import revoke_keys
 from .audit import AuditLog
 from .db import Database
 from .errors import Conflict, NotFound, ServiceUnavailable
-from .orm import Grant, User, UserStatus, utcnow
+from .orm import Grant, Quota, UsageEvent, UsageRollup, User, UserStatus, utcnow
 
 log = logging.getLogger("hub_extension.users")
 
@@ -116,6 +116,9 @@ class UserDirectory(LoggingConfigurable):
         self._by_name: dict[str, tuple[float, UserState]] = {}
         self._generation = 0  # bumped on every change; a load that began under an older one is not cached
         self._last_seen: dict[int, dt.datetime] = {}
+        # Called with each name the Hub deleted, after the change is committed (the quotas forget its limit and spending).
+        self.on_retired: list = []
+        self._retired: list[str] = []  # names retired by a transaction not yet announced
 
     # -- cache --------------------------------------------------------------------------------------
 
@@ -191,6 +194,7 @@ class UserDirectory(LoggingConfigurable):
             return state
         generation = self._generation
         state = await self.db.run(self._upsert, hub_user)
+        self._announce_retired()
         return self._remember(state, generation)
 
     def _upsert(self, session: Session, hub_user: dict) -> UserState:
@@ -199,7 +203,8 @@ class UserDirectory(LoggingConfigurable):
         created = hub_user.get("created")
         row = _find(session, name)
         if row is not None and created and row.hub_created and row.hub_created != created:
-            self._retire(session, row)  # the Hub deleted that person and someone new took the name
+            retire(session, row)  # the Hub deleted that person and someone new took the name
+            self._retired.append(name)
             row = None
         if row is None:
             row = User(name=name, status=self.new_user_status, hub_groups=[], hub_roles=[])
@@ -216,37 +221,11 @@ class UserDirectory(LoggingConfigurable):
         session.flush()
         return UserState.from_row(row)
 
-    @staticmethod
-    def _retire(session: Session, row: User) -> list[str]:
-        """A user the Hub deleted: revoke their keys, drop their grants and delete their presets and collections
-        (audited), and free the name.
-
-        The row stays (the audit log and usage point at it) under a name the Hub can never give anyone ('/' is
-        not allowed in Hub user names), so a person who later gets the same name starts with nothing of theirs.
-        Returns the revoked keys' hashes.
-        """
-        from .knowledge import KnowledgeBase
-        from .presets import PresetStore
-
-        audit = {"actor": "hub-sync", "subject": row.name, "client_ip": None}
-        hashes, _ = revoke_keys(session, row.id, None, audit)
-        removed = session.execute(
-            delete(Grant).where(Grant.subject_kind == "user", Grant.subject == row.name)
-        ).rowcount
-        if removed:
-            notify.publish(session, "grants")
-        presets = PresetStore._delete(session, row.id, None, None)
-        collections = len(KnowledgeBase._delete(session, row.id, None, None))
-        AuditLog.add(session, action="user.deleted", details={
-            "revoked_keys": len(hashes), "grants_removed": removed,
-            "presets_removed": presets, "collections_removed": collections,
-        }, **audit)
-        log.warning("user %s was deleted in the Hub: %d key(s) revoked", row.name, len(hashes))
-        row.name = f"{row.name[:200]}/deleted-{row.id}"
-        row.in_hub = False
-        session.flush()
-        notify.publish(session, "user", row.id)
-        return hashes
+    def _announce_retired(self) -> None:
+        names, self._retired = self._retired, []
+        for name in names:
+            for callback in self.on_retired:
+                callback(name)
 
     # -- changes ------------------------------------------------------------------------------------
 
@@ -313,7 +292,8 @@ class UserDirectory(LoggingConfigurable):
             created = hub.get("created") if hub is not None else None
             if hub is None or (created and row.hub_created and created != row.hub_created):
                 changed.append(row.name)
-                revoked += self._retire(session, row)
+                self._retired.append(row.name)
+                revoked += retire(session, row)
                 continue
             in_hub = self.blocked_group not in (hub.get("groups") or ())
             groups = sorted(hub.get("groups") or ())
@@ -337,6 +317,7 @@ class UserDirectory(LoggingConfigurable):
     async def sync(self, hub_users: list[dict]) -> tuple[list[str], list[str]]:
         self._changed()
         changed, revoked = await self.db.run(self.apply_hub_listing, hub_users)
+        self._announce_retired()
         if changed:
             self._changed()
             self._by_id.clear()
@@ -408,3 +389,41 @@ class HubUsers:
 
     async def group_exists(self, name: str) -> bool:
         return await self._get(f"/groups/{quote(name, safe='')}", missing_ok=True) is not None
+
+
+def retire(session: Session, row: User, actor: str = "hub-sync") -> list[str]:
+    """A user the Hub deleted (seen by the Hub sync, or told by the Hub's authenticator: `actor`): revoke their
+    keys, drop their grants, quota, presets and collections (audited), and free the name.
+
+    The row stays under a name the Hub can never give anyone ('/' is not allowed in Hub user names), and
+    their usage moves to that name with it: admins still see what they used, and a person who later gets the
+    same name starts with nothing of theirs (no history, no spending against their quota).
+    Returns the revoked keys' hashes.
+    """
+    from .knowledge import KnowledgeBase
+    from .presets import PresetStore
+
+    audit = {"actor": actor, "subject": row.name, "client_ip": None}
+    hashes, _ = revoke_keys(session, row.id, None, audit)
+    removed = session.execute(
+        delete(Grant).where(Grant.subject_kind == "user", Grant.subject == row.name)
+    ).rowcount
+    if removed:
+        notify.publish(session, "grants")
+    presets = PresetStore._delete(session, row.id, None, None)
+    collections = len(KnowledgeBase._delete(session, row.id, None, None))
+    quotas = session.execute(delete(Quota).where(Quota.subject_kind == "user", Quota.subject == row.name)).rowcount
+    retired_name = f"{row.name[:200]}/deleted-{row.id}"
+    for table in (UsageEvent, UsageRollup):
+        session.execute(update(table).where(table.user == row.name).values(user=retired_name))
+    AuditLog.add(session, action="user.deleted", details={
+        "revoked_keys": len(hashes), "grants_removed": removed, "quota_removed": bool(quotas),
+        "presets_removed": presets, "collections_removed": collections, "usage_kept_as": retired_name,
+    }, **audit)
+    log.warning("user %s was deleted in the Hub: %d key(s) revoked", row.name, len(hashes))
+    row.name = retired_name
+    row.in_hub = False
+    session.flush()
+    notify.publish(session, "user", row.id)
+    notify.publish(session, "quotas")  # the name's limit and spending changed: every replica re-reads them
+    return hashes

@@ -170,6 +170,39 @@ def test_brute_force_limits_hold_with_a_spoofed_forwarded_for(login, admin_token
     assert r.status_code == 429 and "Too many sign-in attempts" in r.text and 0 < int(r.headers["Retry-After"]) <= 600
 
 
+def sign_up_by_script(base: str, name: str, password: str) -> int:
+    """The sign-up form as a script would post it; the POST's status (302 when signed up and in)."""
+    session = requests.Session()
+    form = session.get(f"{base}/hub/signup", timeout=30)
+    xsrf = re.search(r'name="_xsrf" value="([^"]+)"', form.text).group(1)
+    r = session.post(f"{base}/hub/signup", data={"username": name, "password": password, "password_confirm": password,
+                                                 "_xsrf": xsrf}, allow_redirects=False, timeout=30)
+    return r.status_code
+
+
+@mode("open")
+def test_a_user_deleted_in_the_hub_is_retired_at_once_and_their_password_opens_nothing(login, admin_token):
+    """Deleting a user in the Hub (its admin page or API) reaches the service through the authenticator, not only
+    at the service's next Hub sync: keys revoked, the row retired, and the local password gone, so it no longer
+    signs in and the name can be signed up afresh by someone else."""
+    assert sign_up_by_script(login.url, "dora", PASSWORD) == 302
+    token = login.api.user_token("dora")
+    created = login.service("POST", "api/keys", token, json={"name": "laptop"})
+    assert created.status_code == 201, created.text
+    key = created.json()["key"]
+    assert login.service("GET", "v1/models", key).status_code == 200
+
+    login.api.delete_user("dora")
+    events = login.service("GET", "api/audit?user=dora", admin_token).json()["events"]
+    by_action = {e["action"]: e for e in events}
+    assert by_action["user.deleted"]["actor"] == "hub" and by_action["user.deleted"]["details"]["revoked_keys"] == 1
+    assert by_action["account.delete"]["actor"] == "hub"
+    wait_for(lambda: login.service("GET", "v1/models", key).status_code == 401, 60, 0.5, "the key refused")
+    assert attempt(requests.Session(), login.url, "dora", PASSWORD, None) == 403  # the password opens nothing
+    assert sign_up_by_script(login.url, "dora", "another person's passphrase 9") == 302  # the name is free
+    assert status(login, admin_token, "dora") == "active"
+
+
 # -- approval --------------------------------------------------------------------------------------------
 
 

@@ -292,3 +292,40 @@ def test_cli(db, db_url, capsys):
     assert json.loads(out)["effective"]["limits"]["tokens_per_day"]["source"] == "default"
     actions = [e["action"] for e in asyncio.run(AuditLog(db).query())]
     assert actions == ["quota.delete", "quota.set", "quota.set", "quota.set"]
+
+
+async def test_a_user_deleted_in_the_hub_takes_their_spending_and_quota_along(db, clock):
+    """Whoever gets the name next starts with a clean slate: no spending against their quota (at once, before any
+    sync), no user quota of the old person's, no usage history; admins still see the old usage, under the
+    retired name."""
+    from hub_extension.usage import UsageReports
+
+    users = UserDirectory(db)
+    p, recorder = (await replicas(db, clock, 1))[0]
+    users.on_retired.append(p.forget_user)
+    old = await users.seen_from_hub({"name": "ann"})
+    await p.set_quota("default", "", {"tokens_per_month": 1000}, audit=AUDIT)
+    await p.set_quota("user", "ann", {"tokens_per_day": 500}, audit=AUDIT)
+    clock.now -= 86400  # yesterday, then today
+    recorder.record(event(clock, "ann", 400))
+    clock.now += 86400
+    recorder.record(event(clock, "ann", 300))
+    await recorder.flush()
+    await p.sync()
+    assert refused(p, ANN, 301).code == "insufficient_quota"  # 700 of the month's 1000 spent
+
+    await users.sync([{"name": "bob"}])  # the Hub deleted ann
+    new = await users.seen_from_hub({"name": "ann"})
+    assert new.id != old.id
+    p.reserve(ANN, 1000).release()  # at once: nothing of the old ann's spending is held against the new one
+    await p.sync()
+    p.reserve(ANN, 1000).release()
+    assert p.resolve(ANN, "tokens_per_day") == (0, "config")  # unlimited: the old ann's own quota went with her
+    reports = UsageReports(db)
+    span = {"since": dt.datetime(2026, 11, 1), "until": dt.datetime(2026, 12, 1)}
+    assert await reports.query(users=["ann"], **span) == []
+    retired = f"ann/deleted-{old.id}"
+    kept = await reports.query(users=[retired], bucket="month", **span)
+    assert [row["total_tokens"] for row in kept] == [700]
+    [deleted] = [e for e in await AuditLog(db).query(user="ann") if e["action"] == "user.deleted"]
+    assert deleted["details"]["usage_kept_as"] == retired and deleted["details"]["quota_removed"] is True

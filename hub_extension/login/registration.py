@@ -306,6 +306,11 @@ class RegistrationMixin(LoggingConfigurable):
             return False
         return await maybe_future(super().refresh_user(user, handler))
 
+    async def delete_user(self, user):
+        """The Hub deletes `user`: so does the service, at once (`store.retire_user`)."""
+        await self.login_db.run(store.retire_user, user.name)
+        return await maybe_future(super().delete_user(user))
+
     # -- the Hub side ------------------------------------------------------------------------------------
 
     @staticmethod

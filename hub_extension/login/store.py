@@ -12,7 +12,7 @@ import hashlib
 import re
 import secrets
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -59,6 +59,18 @@ def activate_admin(session: Session, name: str, audit: dict) -> None:
         row.status = UserStatus.ACTIVE
         AuditLog.add(session, action="user.approve", details={"from": UserStatus.PENDING, "to": UserStatus.ACTIVE,
                                                               "reason": "configured admin"}, **audit)
+
+
+def retire_user(session: Session, name: str) -> None:
+    """The Hub deleted `name` (its admin page or API): the service retires them now rather than at its next Hub
+    sync (`users.retire`), and a local account's password goes too: it opens nothing, and the name is free."""
+    from ..users import retire
+
+    row = session.execute(select(User).where(User.name == name).with_for_update()).scalar_one_or_none()
+    if row is not None:
+        retire(session, row, actor="hub")
+    if session.execute(delete(LocalAccount).where(LocalAccount.name == name)).rowcount:
+        AuditLog.add(session, action="account.delete", actor="hub", subject=name, client_ip=None)
 
 
 # -- local accounts -------------------------------------------------------------------------------------
