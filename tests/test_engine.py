@@ -180,6 +180,35 @@ async def test_generation_never_runs_on_the_event_loop_thread(manager):
     assert emb.step_threads and loop_thread not in emb.step_threads
 
 
+async def test_a_stopped_engine_starts_again_on_the_pool_and_a_failed_start_is_an_error(manager, monkeypatch):
+    """The batching engine's thread dies with an error inside a batch (test_faults drives that through HTTP): the
+    next request starts it again off the event loop (it joins a thread and builds tensors: seconds), and if it
+    cannot start, the waiting requests end with an error instead of waiting for ever."""
+    from hub_extension.engine.generation import EngineError
+
+    backend = await manager.get("tiny-chat")
+    runner = backend.runner
+    params = SamplingParams(max_tokens=4, temperature=0)
+    runner.manager.stop(block=True, timeout=5)
+    assert runner.needs_restart()
+
+    def cannot_start() -> None:
+        raise RuntimeError("out of memory, say")
+
+    monkeypatch.setattr(runner, "restart", cannot_start)
+    gen = await backend.chat(MESSAGES, params)
+    with pytest.raises(EngineError):
+        await gen.collect()
+    assert backend.in_flight() == 0
+    monkeypatch.undo()
+    gen = await backend.chat(MESSAGES, params)  # the next request tries again, and it starts
+    await gen.collect()
+    assert gen.completion_tokens > 0
+    assert not runner.needs_restart()
+    assert runner.restart_threads and threading.get_ident() not in runner.restart_threads
+    await wait_idle(backend)
+
+
 async def test_disconnect_frees_the_slot_and_nothing_is_left_behind(manager):
     backend = await manager.get("tiny-chat")
     gen = await backend.chat(MESSAGES, SamplingParams(max_tokens=400, temperature=0.8))

@@ -19,6 +19,7 @@ This module imports neither torch nor transformers; the runners that need them l
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import threading
 import time
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from .runners import Runner
 
 OnTokens = Callable[[list[int], bool, "str | None"], None]
+log = logging.getLogger("hub_extension.engine")
 
 
 @dataclass
@@ -276,6 +278,7 @@ class TextBackend:
         self.max_prompt_chars = context_length * chars_per_token if chars_per_token else None
         self._preparing = 0  # requests admitted and still being templated or tokenised
         self._waiting = FairQueue()  # choices admitted and waiting for one of the engine's slots
+        self._restarting = False  # the engine is starting again on the pool: choices wait meanwhile
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"tokenize-{spec.name}")
 
     # -- what the handlers and the manager ask -------------------------------------------------
@@ -429,9 +432,34 @@ class TextBackend:
 
     def _fill_slots(self) -> None:
         """Hand free engine slots to waiting choices, in fair turns. Called whenever a slot may have freed."""
+        if self._restarting or not self._waiting:
+            return
+        if self.runner.needs_restart():
+            self._restarting = True
+            future = asyncio.get_running_loop().run_in_executor(self._pool, self.runner.restart)
+            future.add_done_callback(self._restarted)
+            return
         while self.runner.in_flight() < self.runner.slots and (choice := self._waiting.pop()) is not None:
             req, choice.request = choice.request, None
             choice.request_id = self.runner.submit(req)
+
+    def _restarted(self, future: asyncio.Future) -> None:
+        """The engine runs again: the waiting choices go in. If it could not start, they end with the error (a 500)
+        and the next request tries again."""
+        self._restarting = False
+        if future.cancelled():  # the backend is closing
+            return
+        error = future.exception()
+        if error is None:
+            self._fill_slots()
+            return
+        log.error("the engine of %r could not start again: %s: %s", self.name, type(error).__name__, error)
+        failed = []
+        while (choice := self._waiting.pop()) is not None:
+            failed.append(choice)
+        for choice in failed:
+            req, choice.request = choice.request, None
+            req.on_tokens([], True, "the engine could not start again")
 
     def _on_tokens(self, gen: Generation, choice: _Choice, new: list[int], finished: bool, error) -> None:
         gen._on_tokens(choice, new, finished, error)

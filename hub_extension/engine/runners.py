@@ -87,6 +87,7 @@ class Runner:
         self._inflight: dict[str, TokenRequest] = {}
         # Thread idents that ran a forward pass: tests check the event loop's thread is never among them.
         self.step_threads: set[int] = set()
+        self.restart_threads: set[int] = set()  # the same for `restart`
         self._hook = model.register_forward_pre_hook(self._record_thread)
 
     def _record_thread(self, module, args) -> None:
@@ -99,6 +100,13 @@ class Runner:
     def engine_pending(self) -> int:
         """Requests the underlying engine still holds (lags `in_flight` by a step after a cancel)."""
         return self.in_flight()
+
+    def needs_restart(self) -> bool:
+        """True when the engine stopped and must start again (`restart`) before it takes another request."""
+        return False
+
+    def restart(self) -> None:
+        """Start the engine again. Blocking: the backend runs it on its worker pool, never on the event loop."""
 
     def submit(self, req: TokenRequest) -> str:
         raise NotImplementedError
@@ -172,22 +180,23 @@ class ContinuousBatchingRunner(Runner):
         with torch.inference_mode():
             self.manager.start()
 
-    def _ensure_running(self) -> None:
-        """An error inside a batch kills the manager's thread (its requests get the error); start a new one, so
-        the next request is served instead of waiting forever on a loop that is gone."""
+    def needs_restart(self) -> bool:
+        """An error inside a batch kills the manager's thread (its requests get the error), and a manager in that
+        state drops new requests silently: the next one would wait forever on a loop that is gone."""
         manager = self.manager
-        refusal = manager.background_thread_status.can_accept_new_requests()  # it would drop a request silently
-        if refusal is None and manager.is_running():
-            return
+        return manager.background_thread_status.can_accept_new_requests() is not None or not manager.is_running()
+
+    def restart(self) -> None:
+        manager = self.manager
         log.warning("the batching engine of %r stopped (%s); starting it again", self.name,
-                    manager.background_thread_status.fatal_error or refusal)
+                    manager.background_thread_status.fatal_error or "not running")
+        self.restart_threads.add(threading.get_ident())
         if manager._generation_thread is not None:
             manager._generation_thread.join(timeout=2)  # it is on its way out: the error is recorded last
         with torch.inference_mode():
             manager.start()
 
     def submit(self, req: TokenRequest) -> str:
-        self._ensure_running()
         rid = req.request_id = f"{self.name}-{next(self._ids)}"
         seen = 0
 
