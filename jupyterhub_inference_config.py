@@ -17,3 +17,5 @@ c.InferenceService.models_config = os.environ.get(
     "INFERENCE_MODELS_CONFIG", str(here / "hub_extension/engine/demo_models.yaml")
 )
 c.InferenceService.cookie_secret_file = str(state / "inference_cookie_secret")
+# Where invitation links point (the CLI prints them too): the demo Hub's address (jupyterhub_config.py).
+c.InferenceService.hub_public_url = os.environ.get("JUPYTERHUB_BIND_URL", "http://127.0.0.1:8000")

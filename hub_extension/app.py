@@ -179,6 +179,25 @@ jupyterhub-inference usage [--user NAME] [--since ISO] [--bucket day|hour|month]
             raise ValueError(f"InferenceService.trusted_proxies: {e}") from None
         return proposal.value
 
+    hub_public_url = Unicode(
+        help="""The Hub's address as people reach it, base URL included (JupyterHub's `public_url`, e.g.
+        https://hub.example.org/): invitation links are made with it, by the API and the CLI. Defaults to
+        $INFERENCE_HUB_PUBLIC_URL (`hub_config.configure` passes the Hub's `public_url` or `bind_url`); empty: the
+        API answers with the address the admin reached it through, and the CLI prints the code alone."""
+    ).tag(config=True)
+
+    @default("hub_public_url")
+    def _hub_public_url_default(self):
+        return os.environ.get("INFERENCE_HUB_PUBLIC_URL", "")
+
+    @validate("hub_public_url")
+    def _validate_hub_public_url(self, proposal):
+        value = proposal.value.strip()
+        parsed = urlparse(value)
+        if value and (parsed.scheme not in ("http", "https") or not parsed.netloc or parsed.query or parsed.fragment):
+            raise ValueError(f"InferenceService.hub_public_url must be an http(s) URL, not {value!r}")
+        return value.rstrip("/") + "/" if value else ""
+
     allow_remote_none = Bool(
         False, help="Allow identity mode `none` on a non-loopback address (otherwise refused at start)."
     ).tag(config=True)
@@ -309,6 +328,7 @@ jupyterhub-inference usage [--user NAME] [--since ISO] [--bucket day|hour|month]
             metrics=metrics,
             max_body_bytes=self.max_body_bytes,
             trusted_proxies=parse_networks(self.trusted_proxies),
+            hub_public_url=self.hub_public_url,
             usage_sinks=[usage.record, metrics.record],
             presets=presets,
             knowledge=knowledge,
@@ -578,10 +598,15 @@ def main(argv=None) -> None:
         argv = argv[1:]  # serving is what the application does without a subcommand
     try:
         InferenceService.launch_instance(argv)
-    except (ValueError, TraitError) as e:  # a bad setting (ConfigError is a ValueError): say which, no traceback
-        print(f"jupyterhub-inference: configuration error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except (ValueError, TraitError) as e:
+        sys.exit(configuration_error(e))
     _exit_now_if_a_model_is_loading()
+
+
+def configuration_error(e: Exception) -> int:
+    """A bad setting (ConfigError is a ValueError): say which, no traceback; the exit code."""
+    print(f"jupyterhub-inference: configuration error: {e}", file=sys.stderr)
+    return 1
 
 
 def _exit_now_if_a_model_is_loading() -> None:

@@ -378,13 +378,17 @@ def run(argv: list[str]) -> int:
 
     The application and its commands are traitlets singletons, so each is cleared after the run.
     """
-    from .app import InferenceService
+    from traitlets import TraitError
+
+    from .app import InferenceService, configuration_error
 
     app = InferenceService.instance()
     try:
         app.initialize(argv)
         app.start()
         return 0
+    except (ValueError, TraitError) as e:  # as `main` answers them
+        return configuration_error(e)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 1
     finally:
@@ -503,7 +507,8 @@ class QuotasCommand(Group):
 
 
 class InvitesCreate(Command):
-    description = "Create an invitation; its code is printed once (the link is <hub>/hub/invite/<code>)."
+    description = """Create an invitation; its link (or, without InferenceService.hub_public_url, its code: the link is
+    <hub>/hub/invite/<code>) is printed once."""
     aliases = options("InvitesCreate", "expires_in_days", "note", "groups")
     expires_in_days = Float(7.0, help="Days until the invitation expires.").tag(config=True)
     note = Unicode("", help="A note for admins and the invited person (e.g. whom it is for).").tag(config=True)
@@ -518,7 +523,9 @@ class InvitesCreate(Command):
         })
         audit = {"actor": self.actor, "client_ip": None}
         code, model = await db.run(lambda session: store.create_invite(session, audit=audit, **fields))
-        print(json.dumps({**model, "code": code}, indent=2) if self.json else code)
+        hub_url = self.service.hub_public_url
+        url = store.invite_link(hub_url, code) if hub_url else None
+        print(json.dumps({**model, "code": code, "url": url}, indent=2) if self.json else url or code)
         return 0
 
 

@@ -110,6 +110,9 @@ def configure(
         "PYTHONUNBUFFERED": "1",
         **(environment or {}),
     }
+    hub_url = _get(c, "public_url", "") or _get(c, "bind_url", "")
+    if hub_url:  # invitation links point there (InferenceService.hub_public_url)
+        env.setdefault("INFERENCE_HUB_PUBLIC_URL", hub_url)
     if db_url:
         env["INFERENCE_DB_URL"] = db_url
     if models_config:

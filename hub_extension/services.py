@@ -31,6 +31,7 @@ class Services:
     knowledge: Any = None  # knowledge.KnowledgeBase
     max_body_bytes: int = 8 * 1024 * 1024
     trusted_proxies: tuple = ()  # net.parse_networks(InferenceService.trusted_proxies)
+    hub_public_url: str = ""  # InferenceService.hub_public_url: where invitation links point
     usage_sinks: list = field(default_factory=list)
     # Set on SIGTERM: requests in flight may finish (InferenceService.shutdown_grace_seconds), new ones get 503.
     stopping: bool = False

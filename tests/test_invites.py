@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import threading
 
 import pytest
@@ -186,6 +187,14 @@ def test_cli_invites_and_password_reset(db_url, capsys):
     assert (code, out.strip()) == (0, f"invite {listed['id']}: revoked")
     code, out = run_command(capsys, "invites", "create", "--groups", "bad group", "--db-url", db_url)
     assert code == 1 and "groups" in out
+    # With the Hub's public address known, the link itself is printed (what the admin hands on).
+    code, out = run_command(capsys, "invites", "create", "--db-url", db_url,
+                            "--InferenceService.hub_public_url=https://hub.example.org/jhub")
+    assert code == 0, out
+    assert re.fullmatch(r"https://hub\.example\.org/jhub/hub/invite/inv_\S+\n", out), out
+    code, out = run_command(capsys, "invites", "create", "--db-url", db_url,
+                            "--InferenceService.hub_public_url=ftp://hub")
+    assert code == 1 and "hub_public_url" in out
     code, out = run_command(capsys, "users", "reset-password", "ada", "--db-url", db_url)
     assert code == 0, out
     password = out.strip()
@@ -198,3 +207,17 @@ def test_cli_invites_and_password_reset(db_url, capsys):
     database.close()
     code, out = run_command(capsys, "users", "reset-password", "nobody", "--db-url", db_url)
     assert code == 1 and "nobody" in out
+
+
+def test_the_hubs_public_address_reaches_the_service_for_invitation_links():
+    from traitlets.config import Config
+
+    from hub_extension.hub_config import configure
+
+    c = Config()
+    c.JupyterHub.bind_url = "http://127.0.0.1:8000"
+    assert configure(c)["environment"]["INFERENCE_HUB_PUBLIC_URL"] == "http://127.0.0.1:8000"
+    c.JupyterHub.public_url = "https://hub.example.org/jhub/"  # what people reach, when a proxy sits in front
+    assert configure(c)["environment"]["INFERENCE_HUB_PUBLIC_URL"] == "https://hub.example.org/jhub/"
+    assert "INFERENCE_HUB_PUBLIC_URL" not in configure(Config())["environment"]
+    assert store.invite_link("https://hub.example.org/jhub/", "inv_x") == "https://hub.example.org/jhub/hub/invite/inv_x"

@@ -2,7 +2,7 @@
 
 - `GET /api/invites[?status=active|used|expired|revoked]`, newest first (never a code: only its hash is kept).
 - `POST /api/invites` `{"expires_in_days": 7, "note": "...", "groups": ["..."]}`: 201 with `code` and `url`
-  (`/hub/invite/<code>` on the Hub that was asked), shown once.
+  (`/hub/invite/<code>` on `InferenceService.hub_public_url`, else on the Hub that was asked), shown once.
 - `DELETE /api/invites/{id}`: revoke an unused invite (409 when it was used).
 - `POST /api/users/{name}/password` `{"password": "..."}` (optional): an admin sets a user's local password; without
   one a random password is generated and answered once.
@@ -22,14 +22,17 @@ from .admin import AdminHandler
 
 
 def hub_invite_url(handler, code: str) -> str:
-    """The invite's link on the Hub the admin reached us through (same host; the Hub's base URL)."""
+    """The invite's link: on the Hub's public address when configured, else on the Hub the admin reached us
+    through (same host; the Hub's base URL)."""
+    if handler.services.hub_public_url:
+        return store.invite_link(handler.services.hub_public_url, code)
     request = handler.request
     proto = request.protocol
     forwarded = request.headers.get("X-Forwarded-Proto", "").split(",")[-1].strip()
     if forwarded in ("http", "https") and _trusted(request.remote_ip, handler.services.trusted_proxies):
         proto = forwarded
-    base = os.environ.get("JUPYTERHUB_BASE_URL", "/").rstrip("/")
-    return f"{proto}://{request.host}{base}/hub/invite/{code}"
+    base = os.environ.get("JUPYTERHUB_BASE_URL", "/")
+    return store.invite_link(f"{proto}://{request.host}{base}", code)
 
 
 class InvitesHandler(AdminHandler):

@@ -116,6 +116,11 @@ def rehash(session: Session, name: str, old: str, new: str) -> None:
 # -- invites --------------------------------------------------------------------------------------------
 
 
+def invite_link(hub_url: str, code: str) -> str:
+    """`<hub>/hub/invite/<code>`, for `hub_url` the Hub's public address with its base URL."""
+    return f"{hub_url.rstrip('/')}/hub/invite/{code}"
+
+
 class InviteRefused(Exception):
     """An invite that cannot be used: `reason` is unknown, used, expired or revoked."""
 
