@@ -1,6 +1,6 @@
 """GitHub login end to end: GitHub faked at the HTTP level on loopback (tests/fake_github.py), a real Hub.
 
-The Hub runs in `approval` mode with an organisation restriction. Admin only for GitHub's verified primary
+The Hub runs in `approval` mode with an organisation restriction (and once more in `invite` mode). Admin only for GitHub's verified primary
 e-mail (never for the name `admin`, never for an unverified or merely public e-mail), and an admin is let in at
 once; everyone else in the organisation waits for approval; anyone outside it is kept out with a page that says
 why. The Hub may reach no host but loopback: anything else would be logged as BLOCKED and fail the module.
@@ -40,11 +40,10 @@ USERS = {
 }
 
 
-@pytest.fixture(scope="module")
-def github_hub(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("github-hub")
+def github_login_hub(tmp, mode: str):
+    """A Hub with GitHub login (faked on loopback) in registration `mode`; yields (hub, fake GitHub)."""
     with FakeGitHub("github-client-id", "github-client-secret", USERS) as github:
-        hub = OAuthHub(tmp, registration_mode="approval")
+        hub = OAuthHub(tmp, registration_mode=mode)
         hub.login_config = f"""
 c.JupyterHub.authenticator_class = "hub_extension.login.providers.GitHubLogin"
 c.GitHubLogin.github_url = {github.url!r}
@@ -52,12 +51,22 @@ c.GitHubLogin.client_id = "github-client-id"
 c.GitHubLogin.client_secret = "github-client-secret"
 c.GitHubLogin.oauth_callback_url = {hub.callback_url!r}
 c.GitHubLogin.allowed_organizations = {{{ORG!r}}}
-c.GitHubLogin.registration_mode = "approval"
+c.GitHubLogin.registration_mode = {mode!r}
 c.GitHubLogin.admin_emails = {{{ADMIN_EMAIL!r}}}
 """
         with hub:
             yield hub, github
             assert BLOCKED not in hub.log()
+
+
+@pytest.fixture(scope="module")
+def github_hub(tmp_path_factory):
+    yield from github_login_hub(tmp_path_factory.mktemp("github-hub"), "approval")
+
+
+@pytest.fixture(scope="module")
+def github_invite_hub(tmp_path_factory):
+    yield from github_login_hub(tmp_path_factory.mktemp("github-invite-hub"), "invite")
 
 
 @pytest.mark.e2e
@@ -114,6 +123,35 @@ def test_a_refused_code_is_a_clear_page(github_hub):
     session, state = start_login(hub)
     r = session.get(f"{hub.url}/hub/oauth_callback", params={"code": "not-a-code", "state": state}, timeout=30)
     assert r.status_code == 403 and "The code passed is incorrect or expired" in r.text
+
+
+@pytest.mark.e2e
+def test_an_invite_carries_a_person_through_github(github_invite_hub):
+    """Invite mode with GitHub: an organisation member without an invite is refused (nobody made); with one they
+    are in, with the invite's groups; the link then works for nobody else."""
+    hub, _ = github_invite_hub
+    assert follow_login(requests.Session(), hub, "octo", "octo-password").url.endswith("/hub/home")  # the admin
+    r = hub.service("POST", "api/invites", hub.api.user_token("octo"), json={"groups": ["invited-team"]})
+    assert r.status_code == 201, r.text
+    invite = r.json()["url"]
+    r = follow_login(requests.Session(), hub, "second", "second-password")
+    assert r.status_code == 403 and r.url.endswith("/hub/registration/invite-required"), r.url
+    assert hub.service_status("second") is None
+    session = requests.Session()
+    assert session.get(invite, timeout=30).status_code == 200
+    r = follow_login(session, hub, "second", "second-password")
+    assert r.status_code == 200 and r.url.endswith("/hub/home"), r.url
+    assert hub.user("second")["groups"] == ["invited-team"] and hub.user("second")["admin"] is False
+    assert hub.service_status("second") == "active"
+    session = requests.Session()
+    assert session.get(invite, timeout=30).status_code == 410
+    assert follow_login(session, hub, "sneaky", "sneaky-password").url.endswith("/hub/registration/invite-required")
+    # Outside the organisation an invite does not help: the provider's own restriction comes first.
+    r = hub.service("POST", "api/invites", hub.api.user_token("octo"), json={})
+    session = requests.Session()
+    assert session.get(r.json()["url"], timeout=30).status_code == 200
+    assert follow_login(session, hub, "outsider", "outsider-password").status_code == 403
+    assert hub.service_status("outsider") is None
 
 
 def test_the_guard_lets_the_hub_reach_only_loopback():

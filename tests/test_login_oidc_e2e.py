@@ -86,9 +86,9 @@ c.OIDCLogin.admin_emails = {{{ADMIN_EMAIL!r}}}
 
 @pytest.fixture(scope="module")
 def oidc(tmp_path_factory):
-    """The provider, and two Hubs it knows as clients (started by the fixtures below): open and invite."""
+    """The provider, and a Hub per registration mode that it knows as clients (started by the fixtures below)."""
     hubs = {mode: OAuthHub(tmp_path_factory.mktemp(f"oidc-{mode}"), roles=ROLES, registration_mode=mode)
-            for mode in ("open", "invite")}
+            for mode in ("open", "approval", "invite")}
     provider = OIDCProvider(tmp_path_factory.mktemp("oidc-provider"), [h.callback_url for h in hubs.values()])
     for mode, hub in hubs.items():
         hub.login_config = oidc_login_config(hub, provider.issuer, mode)
@@ -113,6 +113,11 @@ def oidc_hub(oidc):
 @pytest.fixture(scope="module")
 def oidc_invite_hub(oidc):
     yield from started(oidc, "invite")
+
+
+@pytest.fixture(scope="module")
+def oidc_approval_hub(oidc):
+    yield from started(oidc, "approval")
 
 
 @pytest.mark.e2e
@@ -193,6 +198,28 @@ def test_an_invite_carries_a_person_through_the_provider(oidc_invite_hub):
     assert r.status_code == 410 and "already been used" in r.text
     assert follow_login(session, hub, "alice", "alice-password").url.endswith("/hub/registration/invite-required")
     assert hub.service_status("alice") is None
+
+
+@pytest.mark.e2e
+def test_approval_through_the_provider(oidc_approval_hub):
+    """The same policy as for local accounts and GitHub: pending at the first login, in once approved, a clear
+    page once denied; an admin (verified admin e-mail) is let in at once."""
+    hub, _ = oidc_approval_hub
+    assert follow_login(requests.Session(), hub, "carol", "carol-password").url.endswith("/hub/home")
+    token = hub.api.user_token("carol")
+    for name in ("dana", "alice"):
+        r = follow_login(requests.Session(), hub, name, f"{name}-password")
+        assert r.status_code == 200 and r.url.endswith("/hub/registration/pending"), r.url
+        assert "waiting for an administrator" in r.text
+        assert hub.service_status(name) == "pending"
+    assert hub.service("POST", "api/users/dana/approve", token).status_code == 200
+    r = follow_login(requests.Session(), hub, "dana", "dana-password")
+    assert r.status_code == 200 and r.url.endswith("/hub/home"), r.url
+    assert hub.user("dana")["groups"] == ["researchers"]  # the provider's groups, as in open mode
+    assert hub.service("POST", "api/users/alice/deny", token).status_code == 200
+    r = follow_login(requests.Session(), hub, "alice", "alice-password")
+    assert r.url.endswith("/hub/registration/denied"), r.url
+    assert hub.service_status("alice") == "disabled"
 
 
 @pytest.mark.e2e
