@@ -96,6 +96,16 @@ class StaticKeys:
         return found
 
 
+def read_keys_file(path: str) -> list[str]:
+    """One key per line; blank lines and '#' comments skipped (a comment taken as a key would be anyone's key)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"IdentityProvider.static_keys_file {path!r} cannot be read: {e}") from None
+    return [line for line in lines if line and not line.startswith("#")]
+
+
 def presented_credential(headers) -> str | None:
     """The bearer credential from `Authorization: Bearer|token X` or `x-api-key: X`, if any."""
     header = headers.get("Authorization")
@@ -143,9 +153,11 @@ class IdentityProvider(LoggingConfigurable):
     def _static_keys_default(self):
         return [k.strip() for k in os.environ.get("INFERENCE_API_KEYS", "").split(",") if k.strip()]
 
-    static_keys_file = Unicode("", help="A file with one static key per line, added to `static_keys`.").tag(
-        config=True
-    )
+    static_keys_file = Unicode(
+        "",
+        help="""A file with one static key per line, added to `static_keys`; blank lines and lines starting with
+        '#' are skipped. A file that cannot be read stops the start (a configuration error).""",
+    ).tag(config=True)
 
     hub_token_cache_seconds = Integer(
         30,
@@ -163,8 +175,7 @@ class IdentityProvider(LoggingConfigurable):
                  permissions: PermissionPolicy | None = None, hub_auth=None, **kwargs):
         super().__init__(**kwargs)
         if self.static_keys_file:
-            with open(self.static_keys_file) as f:
-                self.static_keys = self.static_keys + [line.strip() for line in f if line.strip()]
+            self.static_keys = self.static_keys + read_keys_file(self.static_keys_file)
         if self.mode == "static" and not self.static_keys:
             raise ValueError("IdentityProvider.mode is 'static' but no static_keys are configured")
         self.keys = keys

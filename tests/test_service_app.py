@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import openai
 import pytest
 import requests
-from conftest import clean_env, free_port, serve, stop
+from conftest import ServiceThread, clean_env, free_port, serve, stop
+from openai import OpenAI
+from traitlets.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "hub_extension"]
@@ -88,6 +92,106 @@ def test_a_bad_setting_ends_the_process_with_its_name(tmp_path):
     )
     assert r.returncode == 1 and "configuration error" in r.stderr and "'mode' trait of an IdentityProvider" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+# One key per line; surrounding whitespace (a Windows line end too) and blank lines are ignored.
+STATIC_KEYS_FILE = "sk-file-one\n\n   sk-file-two  \n\t\nsk-file-three\r\n"
+
+
+def in_process_config(tmp_path, **identity):
+    """Settings for an instance in this process: SQLite in `tmp_path`, no config file, no models, no Hub."""
+    cfg = Config()
+    cfg.InferenceService.port = free_port()
+    cfg.InferenceService.db_url = f"sqlite:///{tmp_path / 'svc.sqlite'}"
+    cfg.InferenceService.cookie_secret_file = str(tmp_path / "cookie-secret")
+    cfg.InferenceService.config_file = ""
+    cfg.InferenceService.models_config = ""
+    for name, value in identity.items():
+        setattr(cfg.IdentityProvider, name, value)
+    return cfg
+
+
+def test_static_keys_file_keys_are_accepted_and_others_refused(tmp_path):
+    keys_file = tmp_path / "static-keys"
+    keys_file.write_text(STATIC_KEYS_FILE)
+    cfg = in_process_config(tmp_path, mode="static", static_keys=["sk-config-key"], static_keys_file=str(keys_file))
+    service = ServiceThread(cfg)
+    service.start()
+    try:
+        service.app.ready.wait(60)
+        assert service.error is None, service.error
+        url = f"http://127.0.0.1:{cfg.InferenceService.port}/"
+        # The file's keys are added to the configured ones.
+        for key in ("sk-file-one", "sk-file-two", "sk-file-three", "sk-config-key"):
+            for headers in ({"Authorization": f"Bearer {key}"}, {"x-api-key": key}):
+                r = requests.get(url + "api/me", headers=headers, timeout=30)
+                assert r.status_code == 200, (key, r.text)
+                assert (r.json()["role"], r.json()["authenticated_via"]) == ("admin", "static_key")
+        assert OpenAI(base_url=url + "v1", api_key="sk-file-two", max_retries=0).models.list().data == []
+        # Anything else is a 401 in OpenAI's shape, whichever way it is presented.
+        for key in ("sk-file-four", "sk-file", "sk-file-onesk-file-two", "sk-file-one sk-file-two"):
+            for headers in ({"Authorization": f"Bearer {key}"}, {"x-api-key": key}):
+                r = requests.get(url + "v1/models", headers=headers, timeout=30)
+                assert r.status_code == 401 and list(r.json()) == ["error"], (key, headers, r.text)
+                error = r.json()["error"]
+                assert set(error) == {"message", "type", "param", "code"} and error["message"]
+                assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "invalid_api_key", None)
+        with pytest.raises(openai.AuthenticationError) as raised:
+            OpenAI(base_url=url + "v1", api_key="sk-not-in-the-file", max_retries=0).models.list()
+        assert (raised.value.status_code, raised.value.code) == (401, "invalid_api_key")
+    finally:
+        service.stop()
+
+
+def test_a_comment_in_the_static_keys_file_is_not_a_key(tmp_path):
+    """Anyone sending `x-api-key: # the CI runner` would be an admin if a comment line counted as a key."""
+    from hub_extension.identity import IdentityProvider
+
+    keys_file = tmp_path / "static-keys"
+    keys_file.write_text("# the CI runner\nsk-file-one\n")
+    provider = IdentityProvider(mode="static", static_keys=[], static_keys_file=str(keys_file))
+    assert provider.checker.matches("sk-file-one")
+    assert not provider.checker.matches("# the CI runner")
+
+
+@pytest.mark.parametrize("where", ["missing", "a folder"])
+def test_a_static_keys_file_that_cannot_be_read_is_a_configuration_error(tmp_path, where):
+    path = tmp_path / "no-such-file" if where == "missing" else tmp_path
+    r = subprocess.run(
+        CLI + ["serve", f"--port={free_port()}", f"--db-url=sqlite:///{tmp_path / 'x.sqlite'}", "--identity=static",
+               f"--IdentityProvider.static_keys_file={path}"],
+        cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 1 and "configuration error" in r.stderr and "static_keys_file" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_mode_none_beyond_loopback_warns_loudly_when_allowed(tmp_path, caplog):
+    """`allow_remote_none` lets the service start, with a warning that says anyone who reaches it is an admin."""
+    from hub_extension.app import InferenceService
+
+    def warnings_at_start(ip: str, folder: str) -> list[str]:
+        (tmp_path / folder).mkdir()
+        cfg = in_process_config(tmp_path / folder, mode="none")
+        cfg.InferenceService.ip = ip
+        cfg.InferenceService.allow_remote_none = True
+        app = InferenceService(config=cfg)
+        app.initialize([])
+        # The service's own logging replaces the root's handlers and traitlets' logger does not propagate:
+        # listen on the application's logger itself.
+        app.log.addHandler(caplog.handler)
+        caplog.clear()
+        try:
+            app.make_app()
+        finally:
+            app.log.removeHandler(caplog.handler)
+            app.services.db.close()
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "'none'" in r.getMessage()]
+
+    assert warnings_at_start("0.0.0.0", "remote") == [
+        "!!! identity mode 'none' on 0.0.0.0: ANYONE who can reach it is an admin !!!"
+    ]
+    assert warnings_at_start("127.0.0.1", "loopback") == []
 
 
 def test_cli_keys_and_users(db_url, capsys):
@@ -203,3 +307,18 @@ def test_every_command_has_help(command, capsys):
 
     assert run([*command, "--help"]) == 0
     assert "--db-url" in capsys.readouterr().out
+
+
+def test_the_account_page_bounds_a_key_name_as_the_api_does():
+    """The browser stops at the length the API accepts (`api_keys.MAX_NAME_LENGTH`), not at a longer one."""
+    import re
+
+    from tornado.template import Loader
+
+    from hub_extension.api_keys import MAX_NAME_LENGTH
+
+    page = Loader(str(ROOT / "hub_extension" / "templates")).load("account.html").generate(
+        user="alice", admin=False, base="/services/inference/", hub="/hub/", service="inference", xsrf="x"
+    ).decode()
+    [field] = re.findall(r'<input[^>]* id="key-name"[^>]*>', page)
+    assert f'maxlength="{MAX_NAME_LENGTH}"' in field
