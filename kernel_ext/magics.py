@@ -6,12 +6,14 @@ calls a magic is a user's experiment, and the line says what to fix.
 
 from __future__ import annotations
 
+import shlex
 from collections import defaultdict
 from contextlib import contextmanager
 
 import openai
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.error import UsageError
+from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.display import Markdown, display
 
 from .discovery import ServiceNotFound, find_service
@@ -90,7 +92,7 @@ class InferenceMagics(Magics):
     @cell_magic
     def chat(self, line: str, cell: str) -> None:
         """Send the cell to a chat model; the answer streams into the output as Markdown."""
-        args = parse_argstring(self.chat, line)
+        args = _options(self.chat, line)
         with one_line_errors():
             location = find_service()
             model = args.model or _first_chat_model(InferenceClient(*location))
@@ -107,6 +109,16 @@ class InferenceMagics(Magics):
                 if piece:
                     text += piece
                     handle.update(Markdown(text))
+
+
+def _options(magic, line: str):
+    """The magic's options, quotes taken off as a shell does: IPython's own split keeps them, so
+    `--system "Be brief."` would send the quotes to the model."""
+    try:
+        argv = shlex.split(line)
+    except ValueError as e:  # an unclosed quote
+        raise UsageError(f"{e}: {line}") from None
+    return magic.parser.parse_args(argv)
 
 
 def _first_chat_model(client: InferenceClient) -> str:

@@ -105,6 +105,28 @@ def test_the_extension_in_a_kernel(hub, instance, monkeypatch, capsys):
     pieces = [o.data["text/markdown"] for o in updates]
     assert all(b.startswith(a) and len(b) > len(a) for a, b in zip(pieces, pieces[1:], strict=False)), pieces
 
+    # Without --model: the first chat model the user may call; --system goes first, as a system message.
+    from kernel_ext import magics
+
+    sent = []
+    real_client = magics.openai_client
+
+    def recording_client(location=None):  # the real SDK client; what the magic asks of it is noted on the way
+        client = real_client(location)
+        create = client.chat.completions.create
+        client.chat.completions.create = lambda **kw: sent.append(kw) or create(**kw)
+        return client
+
+    monkeypatch.setattr(magics, "openai_client", recording_client)
+    with capture_output() as captured:
+        assert shell.run_cell('%%chat --system "Answer in French." --max-tokens 4\nSay hello.').success
+    assert "kernel_ext:" not in captured.stdout, captured.stdout
+    first_chat_model = next(m["id"] for m in kernel_ext.InferenceClient(instance.url, token).models()
+                            if m["task"] == "chat")
+    assert [(kw["model"], kw["messages"]) for kw in sent] == [(first_chat_model, [
+        {"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Say hello.\n"}])]
+    assert any(o.update for o in captured.outputs)
+
     assert "tiny-chat" in [m.id for m in kernel_ext.client().models.list()]
 
     assert shell.run_cell("%usage").success
