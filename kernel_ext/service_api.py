@@ -13,6 +13,7 @@ import httpx
 
 ACT_AS_HEADER = "X-Inference-Act-As"
 SUBJECT_KINDS = ("user", "group")
+QUOTA_KINDS = (*SUBJECT_KINDS, "default")  # "default": the quota of everyone no user or group limit covers
 
 
 class InferenceError(Exception):
@@ -34,6 +35,15 @@ def _subject(kind: str, name: str) -> str:
     if kind not in SUBJECT_KINDS:
         raise ValueError(f"kind must be one of {SUBJECT_KINDS}, not {kind!r}")
     return f"api/{kind}s/{_name(name)}"
+
+
+def _quota(kind: str, name: str | None) -> str:
+    """A quota's route: a user's or a group's, or (`kind` "default", no name) the default one."""
+    if kind == "default":
+        return "api/quotas/default"
+    if kind not in QUOTA_KINDS:
+        raise ValueError(f"kind must be one of {QUOTA_KINDS}, not {kind!r}")
+    return f"{_subject(kind, name)}/quota"
 
 
 def _key_fields(name: str, expires_in_days: int | None, features, models) -> dict:
@@ -224,6 +234,10 @@ class InferenceClient:
     def revoke_user_key(self, user: str, key_id: int) -> None:
         self.request("DELETE", f"{_subject('user', user)}/keys/{int(key_id)}")
 
+    def revoke_user_keys(self, user: str) -> int:
+        """Revoke every key of a user at once (audited); returns how many were still active."""
+        return self.request("DELETE", f"{_subject('user', user)}/keys")["revoked"]
+
     def audit(self, **filters) -> list[dict]:
         """`user`, `action`, `since`, `until`, `limit`; newest first."""
         return self.request("GET", "api/audit", params=filters)["events"]
@@ -232,13 +246,14 @@ class InferenceClient:
         """`/api/admin/usage`: as `usage`, plus `group_by=user` and `user=`."""
         return self.request("GET", "api/admin/usage", params=query)
 
-    def subject_quota(self, kind: str, name: str) -> dict:
-        return self.request("GET", f"{_subject(kind, name)}/quota")
+    def subject_quota(self, kind: str, name: str | None = None) -> dict:
+        """The quota row of a user, a group or (`kind` "default", no name) everyone's default."""
+        return self.request("GET", _quota(kind, name))
 
-    def set_subject_quota(self, kind: str, name: str, limits: dict) -> dict:
+    def set_subject_quota(self, kind: str, name: str | None, limits: dict) -> dict:
         """Replace the limits (`tokens_per_day`, `tokens_per_month`, `requests_per_minute`, `weight`; 0:
-        unlimited, None: nothing at this level)."""
-        return self.request("PUT", f"{_subject(kind, name)}/quota", json=limits)
+        unlimited, None: nothing at this level); `kind` "default" (name None) sets everyone's default."""
+        return self.request("PUT", _quota(kind, name), json=limits)
 
     def invites(self, status: str | None = None) -> list[dict]:
         """Invitations, newest first; `status`: active, used, expired or revoked. Codes are never listed."""

@@ -6,13 +6,18 @@ Each action is driven the way a click drives it: the test fills the widgets, the
 
 from __future__ import annotations
 
+import datetime as dt
+
+import pytest
 import requests
 from conftest import bearer, serve, stop, wait_for
-from sqlalchemy import update
+from sqlalchemy import select, update
 
-from hub_extension.orm import User
+from hub_extension.login.passwords import verify_password
+from hub_extension.orm import LocalAccount, User
 from kernel_ext.service_api import InferenceClient
 from widgets import AccountPanel, AdminPanel
+from widgets.admin import QUOTA_FIELDS
 
 
 def status(url: str, path: str, credential: str) -> int:
@@ -163,6 +168,151 @@ def test_admin_panel_workflow(hub):
     viewed = panel.view_panel
     assert viewed.me["name"] == alice and viewed.me["acting_admin"] == admin_name
     assert viewed.error.value == "" and alice in viewed.identity.value
+
+
+def admin_panel(hub, instance) -> tuple[AdminPanel, str]:
+    """An AdminPanel of a fresh service admin, and that admin's Hub token (to check the service's state)."""
+    token = hub.api.user_token(hub.new_admin())
+    panel = AdminPanel(InferenceClient(instance.url, token))
+    assert panel.error.value == "" and panel.tabs.layout.display is None
+    return panel, token
+
+
+def test_admin_panel_sets_the_default_quota(hub, instance):
+    panel, admin_token = admin_panel(hub, instance)
+    default_url = instance.url + "api/quotas/default"
+    before = requests.get(default_url, headers=bearer(admin_token), timeout=60).json()
+    with pytest.raises(ValueError, match="default"):  # the client names the kinds it knows
+        panel.client.subject_quota("team", "x")
+    panel.quota_kind.value = "default"
+    assert panel.quota_subject.disabled  # the default has no name
+    try:
+        panel.load_quota()
+        assert panel.error.value == "" and "Default limits" in panel.quota_view.value
+        panel.quota_fields["tokens_per_month"].value = str(10**12)  # a limit no test reaches
+        panel.set_quota()
+        assert panel.error.value == ""
+        assert requests.get(default_url, headers=bearer(admin_token), timeout=60).json()["tokens_per_month"] == 10**12
+        user = hub.new_user("wquota")  # no limit of their own or of a group: the default applies to them
+        effective = requests.get(instance.url + f"api/users/{user}/quota", headers=bearer(admin_token),
+                                 timeout=60).json()["effective"]["limits"]["tokens_per_month"]
+        assert (effective["limit"], effective["source"]) == (10**12, "default")
+        panel.quota_fields["weight"].value = "heavy"
+        panel.set_quota()
+        assert "weight" in panel.error.value
+        panel.select_user(user)  # picking a user goes back to that user's quota
+        assert panel.quota_kind.value == "user" and not panel.quota_subject.disabled
+    finally:
+        panel.client.set_subject_quota("default", None, {f: before[f] for f in QUOTA_FIELDS})
+
+
+def test_admin_panel_resets_a_local_password_and_shows_it_once(hub):
+    instance = hub.instances["postgresql"]  # in this process: the stored hash can be checked
+    panel, admin_token = admin_panel(hub, instance)
+    panel.reset_password()  # nobody picked: said in the panel, nothing sent
+    assert "Pick a user" in panel.error.value and panel.new_password is None
+
+    user = hub.new_user("wpw")
+    panel.select_user(user)
+    panel.reset_password()
+    password = panel.new_password
+    assert panel.error.value == "" and password and password in panel.password_view.value
+    stored = instance.app.services.db.call(
+        lambda s: s.execute(select(LocalAccount.password_hash).where(LocalAccount.name == user)).scalar_one())
+    assert verify_password(stored, password)
+    events = requests.get(instance.url + "api/audit", params={"user": user, "action": "password.reset"},
+                          headers=bearer(admin_token), timeout=60).json()["events"]
+    assert len(events) == 1
+
+    panel.select_user(hub.new_user("wpw"))  # shown once: gone when another user is picked
+    assert panel.new_password is None and password not in panel.password_view.value
+
+    gone = panel.selected
+    hub.api.delete_user(gone)  # deleted from the Hub after it was picked: the service's 404 shows in the panel
+    panel.reset_password()
+    assert gone in panel.error.value and panel.new_password is None
+
+
+def test_admin_panel_issues_a_narrowed_key_and_revokes_all_keys(hub, instance):
+    url = instance.url
+    panel, admin_token = admin_panel(hub, instance)
+    panel.revoke_all_keys()
+    assert "Pick a user" in panel.error.value
+
+    user = hub.new_user("wkey")
+    panel.select_user(user)
+    model = "tiny-chat"
+    assert model in panel.issue_models.options and "chat" in panel.issue_features.options  # what the user may use
+    panel.issue_name.value, panel.issue_features.value, panel.issue_models.value = "narrow", ("chat",), (model,)
+    panel.issue_key()
+    narrowed = panel.secret
+    assert panel.error.value == "" and narrowed in panel.secret_view.value
+    assert panel.issue_features.value == () and panel.issue_models.value == ()  # the next key starts wide
+    listed = requests.get(url + "v1/models", headers=bearer(narrowed), timeout=60).json()["data"]
+    assert [m["id"] for m in listed] == [model]
+    panel.issue_name.value = "wide"
+    panel.issue_key()
+    wide = panel.secret
+    keys = requests.get(url + f"api/users/{user}/keys", headers=bearer(admin_token), timeout=60).json()["keys"]
+    by_name = {k["name"]: k for k in keys}
+    assert by_name["narrow"]["features"] == ["chat"] and by_name["narrow"]["models"] == [model]
+    assert not by_name["wide"]["features"] and not by_name["wide"]["models"]
+    assert len(panel.user_key_rows.children) == 2
+
+    panel.revoke_all_keys()
+    assert panel.error.value == "" and f"Revoked 2 key(s) of {user}" in panel.notice.value
+    assert requests.get(url + f"api/users/{user}/keys", headers=bearer(admin_token), timeout=60).json()["keys"] == []
+    assert "No keys" in panel.user_key_rows.children[0].value
+    for secret in (narrowed, wide):
+        assert wait_for(lambda secret=secret: status(url, "v1/models", secret) == 401, what="the revoked keys refused")
+    audit = requests.get(url + "api/audit", params={"user": user, "action": "key.revoke"}, headers=bearer(admin_token),
+                         timeout=60).json()["events"]
+    assert audit
+
+
+def test_admin_panel_usage_over_a_date_range(hub, instance):
+    url = instance.url
+    user = hub.new_user("wuse")
+    chat = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    user_token = hub.api.user_token(user)
+    assert requests.post(url + "v1/chat/completions", json=chat, headers=bearer(user_token), timeout=60).ok
+    panel, _ = admin_panel(hub, instance)
+    today = dt.datetime.now(dt.UTC).date()
+    week_ago = today - dt.timedelta(days=6)
+
+    panel.usage_group.value, panel.usage_since.value, panel.usage_until.value = "user", week_ago, today
+
+    def user_shown() -> bool:
+        panel.load_usage()
+        return user in panel.usage_view.value
+
+    assert wait_for(user_shown, what="the chat in the admin's usage for the last week")
+    assert panel.error.value == "" and f"Tokens per day, {week_ago} to {today}, by user" in panel.usage_view.value
+    panel.usage_group.value = "model"
+    panel.load_usage()
+    assert "tiny-chat" in panel.usage_view.value and 'class="jhi-chart"' in panel.usage_view.value
+
+    quiet = dt.date(2020, 1, 1)  # one day long ago: the range is the one asked for, and nothing was used then
+    panel.usage_since.value = panel.usage_until.value = quiet
+    panel.load_usage()
+    assert panel.error.value == "" and f"{quiet} to {quiet}" in panel.usage_view.value
+    assert "(none)" in panel.usage_view.value and "jhi-chart" not in panel.usage_view.value
+
+    shown = panel.usage_view.value
+    panel.usage_since.value, panel.usage_until.value = today, today - dt.timedelta(days=1)  # backwards
+    panel.load_usage()
+    assert "is after Until" in panel.error.value and panel.usage_view.value == shown
+    panel.usage_since.value, panel.usage_until.value = today + dt.timedelta(days=1), None  # tomorrow onwards
+    panel.load_usage()
+    assert f"today, {today}" in panel.error.value
+
+    panel.usage_group.value, panel.usage_since.value = "user", today - dt.timedelta(days=200)  # past the chart
+    panel.load_usage()
+    assert panel.error.value == "" and "totals only" in panel.usage_view.value and user in panel.usage_view.value
+    assert "jhi-chart" not in panel.usage_view.value
+    panel.usage_since.value = today - dt.timedelta(days=800)  # past what the service reports: its 400 shows
+    panel.load_usage()
+    assert "731 days" in panel.error.value
 
 
 def test_panels_find_the_service_from_a_kernels_environment(hub, instance, monkeypatch):

@@ -1,5 +1,6 @@
-"""`AdminPanel`: users (search, filters, status), grants per user and group, a user's keys, the audit log,
-view as a user, usage by user and model, quotas and invitations; for the service's administrators only.
+"""`AdminPanel`: users (search, filters, status, password reset), grants per user and group, a user's keys (issue,
+narrowed or not; revoke one or all), the audit log, view as a user, usage by user and model over a date range,
+quotas (a user's, a group's, the default) and invitations; for the service's administrators only.
 
 As in `AccountPanel`, every button calls a method of the panel, and data comes only through the client.
 """
@@ -10,10 +11,10 @@ import datetime as dt
 
 import ipywidgets as w
 
-from kernel_ext.service_api import InferenceClient
+from kernel_ext.service_api import QUOTA_KINDS, InferenceClient
 
 from . import style
-from .account import AccountPanel, key_rows, permissions_html, usage_html
+from .account import MAX_CHART_DAYS, AccountPanel, key_rows, permissions_html, usage_html
 
 STATUSES = (("any", ""), ("active", "active"), ("pending", "pending"), ("disabled", "disabled"))
 ROLES = (("any", ""), ("admin", "admin"), ("user", "user"))
@@ -22,6 +23,7 @@ LAST_SEEN = (("any time", None), ("in the last day", 1), ("in the last 7 days", 
 STATUS_ACTIONS = ("approve", "deny", "disable", "enable")
 GRANT_VALUES = (("allow", True), ("deny", False), ("clear", None))
 QUOTA_FIELDS = ("tokens_per_day", "tokens_per_month", "requests_per_minute", "weight")
+DEFAULT_USAGE_DAYS = 30  # what the service reports when no `since` is given
 TABS = ("Users", "Grants", "Keys", "Audit", "Usage", "Quotas", "Invites", "Resources")
 
 
@@ -58,6 +60,23 @@ def optional_number(text: str, name: str) -> float | int | None:
         raise ValueError(f"{name.replace('_', ' ')} must be a number, or empty.") from None
 
 
+def usage_query(since: dt.date | None, until: dt.date | None, today: dt.date) -> dict:
+    """`/api/admin/usage` arguments for whole UTC days from `since` to `until`, both included (empty: the service's
+    default, the 30 days up to now). By day while the chart can draw every day (MAX_CHART_DAYS), else by month."""
+    last = until or today
+    if since and since > last:
+        raise ValueError(f"Since ({since}) is after Until ({until or f'today, {today}'}): pick an earlier start.")
+    first = since or last - dt.timedelta(days=DEFAULT_USAGE_DAYS)
+    return {"since": f"{since.isoformat()}T00:00:00Z" if since else None,
+            "until": f"{until.isoformat()}T23:59:59Z" if until else None,
+            "bucket": "day" if (last - first).days < MAX_CHART_DAYS else "month"}
+
+
+def allowed_names(entries: dict) -> list[str]:
+    """The features or models an effective-permissions answer allows: what a key for that user may be narrowed to."""
+    return [name for name, decision in entries.items() if decision["allowed"]]
+
+
 def labelled(description: str, widget_class=w.Text, **kwargs) -> w.Widget:
     return widget_class(description=description, style=style.describe(), layout=style.field(), **kwargs)
 
@@ -76,7 +95,8 @@ class AdminPanel(style.Panel):
         self.users_data: list[dict] = []
         self.filtered: list[dict] = []
         self.selected: str | None = None
-        self.secret: str | None = None
+        self.secret: str | None = None  # the newest issued key's, shown once (the service keeps only a hash)
+        self.new_password: str | None = None  # the newest generated password, likewise
         self.view_panel: AccountPanel | None = None
         self.notice = w.HTML()
         self.tabs = w.Tab(children=[self._users_tab(), self._grants_tab(), self._keys_tab(), self._audit_tab(),
@@ -101,14 +121,17 @@ class AdminPanel(style.Panel):
         self.user_choice = labelled("User", w.Dropdown, options=[])
         self.user_choice.observe(lambda change: change["new"] and self.select_user(change["new"]), names="value")
         self.user_detail = w.HTML()
+        self.password_view = w.HTML()
         actions = [action_button(a.capitalize(), lambda a=a: self.set_status(a)) for a in STATUS_ACTIONS]
         actions.append(action_button("View as this user", self.view_as, icon="eye"))
+        actions.append(action_button("Reset password", self.reset_password, icon="key"))
         return w.VBox([
             w.HBox([self.search, self.status_filter, self.role_filter], layout=style.row()),
             w.HBox([self.group_filter, self.seen_filter, action_button("Reload", self.refresh, icon="refresh")],
                    layout=style.row()),
             self.users_table,
             w.HBox([self.user_choice, *actions], layout=style.row()),
+            self.password_view,
             self.user_detail,
         ], layout=style.column())
 
@@ -133,10 +156,18 @@ class AdminPanel(style.Panel):
         self.user_key_rows = w.VBox(layout=style.column())
         self.issue_name = labelled("Key name", placeholder="for a job")
         self.issue_expiry = labelled("Expires (days)", w.BoundedIntText, value=0, min=0, max=36500)
+        # As in AccountPanel's "New key": the options are what the chosen user may use.
+        self.issue_features = w.SelectMultiple(description="Only features", style=style.describe(),
+                                               layout=style.choices())
+        self.issue_models = w.SelectMultiple(description="Only models", style=style.describe(), layout=style.choices())
         self.secret_view = w.HTML()
         return w.VBox([
             self.keys_heading, self.user_key_rows,
-            w.HBox([self.issue_name, self.issue_expiry,
+            action_button("Revoke all keys", self.revoke_all_keys, button_style="danger"),
+            w.HTML(style.heading("Issue a key") + style.note(
+                "Expires 0: never. Pick no feature or model to let the key do everything the user may.")),
+            w.HBox([self.issue_name, self.issue_expiry], layout=style.row()),
+            w.HBox([self.issue_features, self.issue_models,
                     action_button("Issue key", self.issue_key, button_style="primary")], layout=style.row()),
             self.secret_view,
         ], layout=style.column())
@@ -156,19 +187,28 @@ class AdminPanel(style.Panel):
 
     def _usage_tab(self) -> w.Widget:
         self.usage_group = labelled("By", w.Dropdown, options=("user", "model"))
+        self.usage_since = labelled("Since", w.DatePicker)
+        self.usage_until = labelled("Until", w.DatePicker)
         self.usage_view = w.HTML()
-        return w.VBox([w.HBox([self.usage_group, action_button("Show", self.load_usage)], layout=style.row()),
-                       self.usage_view], layout=style.column())
+        return w.VBox([
+            w.HBox([self.usage_group, self.usage_since, self.usage_until, action_button("Show", self.load_usage)],
+                   layout=style.row()),
+            w.HTML(style.note(f"Whole UTC days, both included; empty: the last {DEFAULT_USAGE_DAYS} days up to now.")),
+            self.usage_view,
+        ], layout=style.column())
 
     def _quotas_tab(self) -> w.Widget:
-        self.quota_kind = w.ToggleButtons(options=("user", "group"))
+        self.quota_kind = w.ToggleButtons(options=QUOTA_KINDS)
         self.quota_subject = labelled("Name")
+        self.quota_kind.observe(lambda change: setattr(self.quota_subject, "disabled", change["new"] == "default"),
+                                names="value")
         self.quota_fields = {name: labelled(name.replace("_", " ")) for name in QUOTA_FIELDS}
         self.quota_view = w.HTML()
         return w.VBox([
             w.HBox([self.quota_kind, self.quota_subject, action_button("Show", self.load_quota)], layout=style.row()),
             w.HBox(list(self.quota_fields.values()), layout=style.row()),
-            w.HTML(style.note("0: unlimited; empty: nothing at this level (the group or default decides).")),
+            w.HTML(style.note("0: unlimited; empty: nothing at this level (the group, the default or the service's "
+                              "settings decide). 'default' applies to everyone no user or group limit covers.")),
             action_button("Save limits", self.set_quota, button_style="primary"),
             self.quota_view,
         ], layout=style.column())
@@ -232,6 +272,7 @@ class AdminPanel(style.Panel):
     @style.action
     def select_user(self, name: str) -> None:
         self.selected = name
+        self._forget_secrets()  # another user's new key or password never shows next to this one
         self.grant_kind.value, self.grant_subject.value = "user", name
         self.quota_kind.value, self.quota_subject.value = "user", name
         self._load_user()
@@ -249,6 +290,13 @@ class AdminPanel(style.Panel):
         self.view_panel = AccountPanel(self.client.act_as(self._chosen()))
         self.view_box.children = [w.HTML(style.heading(f"Viewing as {self.selected}")), self.view_panel,
                                   action_button("Close", self.close_view)]
+
+    @style.action
+    def reset_password(self) -> None:
+        """A generated password for the chosen user's local account, shown here once (the service keeps its hash)."""
+        name = self._chosen()
+        self.new_password = self.client.reset_password(name)["password"]
+        self.password_view.value = style.heading(f"New password of {name}") + style.secret_html(self.new_password)
 
     def close_view(self) -> None:
         self.view_panel, self.view_box.children = None, []
@@ -274,14 +322,23 @@ class AdminPanel(style.Panel):
         name = self.issue_name.value.strip()
         if not name:
             raise ValueError("Give the key a name.")
-        self.secret = self.client.issue_key(self._chosen(), name, self.issue_expiry.value or None)["key"]
+        self.secret = self.client.issue_key(self._chosen(), name, self.issue_expiry.value or None,
+                                            self.issue_features.value, self.issue_models.value)["key"]
         self.secret_view.value = style.secret_html(self.secret)
-        self.issue_name.value = ""
+        self.issue_name.value, self.issue_features.value, self.issue_models.value = "", (), ()
         self._load_keys()
 
     @style.action
     def revoke_user_key(self, key_id: int) -> None:
         self.client.revoke_user_key(self._chosen(), key_id)
+        self._load_keys()
+
+    @style.action
+    def revoke_all_keys(self) -> None:
+        """Every key of the chosen user at once (a lost laptop, someone leaving); audited by the service."""
+        name = self._chosen()
+        revoked = self.client.revoke_user_keys(name)
+        self.notice.value = style.note(f"Revoked {revoked} key(s) of {name}.")
         self._load_keys()
 
     @style.action
@@ -296,7 +353,12 @@ class AdminPanel(style.Panel):
 
     @style.action
     def load_usage(self) -> None:
-        self.usage_view.value = usage_html(self.client.admin_usage(group_by=self.usage_group.value, bucket="day"))
+        """Usage by user or model over the picked days; a range too long to chart day by day is summed by month."""
+        query = usage_query(self.usage_since.value, self.usage_until.value, dt.datetime.now(dt.UTC).date())
+        report = self.client.admin_usage(group_by=self.usage_group.value, **query)
+        by_month = query["bucket"] == "month"
+        self.usage_view.value = (style.note(f"More than {MAX_CHART_DAYS} days: totals only, no chart by day.")
+                                 if by_month else "") + usage_html(report)
 
     @style.action
     def load_quota(self) -> None:
@@ -386,6 +448,8 @@ class AdminPanel(style.Panel):
                  ("last seen", user["last_seen"] or "never")]
         perms = user["permissions"]
         self.grant_target.options = (*perms["features"], *perms["models"])
+        self.issue_features.options = allowed_names(perms["features"])
+        self.issue_models.options = allowed_names(perms["models"])
         self.user_detail.value = (style.heading(user["name"]) + style.table(("", ""), facts)
                                   + style.heading("Effective permissions") + permissions_html(user["permissions"]))
         self._load_keys()
@@ -405,12 +469,19 @@ class AdminPanel(style.Panel):
             ("kind", "name", ""), rows, raw=(2,))
 
     def _show_quota(self, call) -> None:
-        kind, name = self.quota_kind.value, self._form_name(self.quota_subject)
+        """`call(kind, name)` returns the quota of the user, group or default in the form; show it."""
+        kind = self.quota_kind.value
+        name = None if kind == "default" else self._form_name(self.quota_subject)
         quota = call(kind, name)
         rows = [(f.replace("_", " "), "-" if quota.get(f) is None else quota[f]) for f in QUOTA_FIELDS]
-        self.quota_view.value = style.heading(f"Limits of {kind} {name}") + style.table(("limit", "value"), rows)
+        title = "Default limits (everyone)" if kind == "default" else f"Limits of {kind} {name}"
+        self.quota_view.value = style.heading(title) + style.table(("limit", "value"), rows)
         for f in QUOTA_FIELDS:
             self.quota_fields[f].value = "" if quota.get(f) is None else str(quota[f])
+
+    def _forget_secrets(self) -> None:
+        self.secret = self.new_password = None
+        self.secret_view.value = self.password_view.value = ""
 
     def _chosen(self) -> str:
         if not self.selected:
