@@ -11,8 +11,8 @@ from collections import defaultdict
 from contextlib import contextmanager
 
 import openai
-from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.display import Markdown, display
 
