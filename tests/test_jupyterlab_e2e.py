@@ -70,6 +70,10 @@ def test_account_panel_in_jupyterlab(hub, notebook_servers, page):
     token = hub.api.user_token(server.name)
     assert len(keys_named(instance, token, name)) == 1
     assert works(instance, secret.input_value())
+    # The Copy button puts it on the clipboard.
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    panel.locator("button.jhi-copy").click()
+    assert page.evaluate("navigator.clipboard.readText()") == secret.input_value()
 
     # A chat through that key shows in the panel's usage chart once the service has written it down.
     chat = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}

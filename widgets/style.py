@@ -166,12 +166,21 @@ def _series_colours(names: list[str]) -> list[str]:
     return [OTHER_COLOUR if name == OTHERS else next(palette, OTHER_COLOUR) for name in names]
 
 
+# The browser's clipboard API exists only on https and localhost; on a Hub served over plain http elsewhere the
+# selected text is copied the older way.
+COPY_SCRIPT = (
+    "const field = this.previousElementSibling; field.select();"
+    " if (navigator.clipboard && window.isSecureContext) { navigator.clipboard.writeText(field.value); }"
+    " else { document.execCommand('copy'); }"
+)
+
+
 def secret_html(secret: str) -> str:
     """The secret once, selectable, with a copy button (the browser's clipboard; nothing leaves the page)."""
     value = html.escape(secret, quote=True)
     return (
         f'<input class="jhi-secret" readonly value="{value}" onclick="this.select()"> '
-        '<button onclick="navigator.clipboard.writeText(this.previousElementSibling.value)">Copy</button><br>'
+        f'<button class="jhi-copy" onclick="{html.escape(COPY_SCRIPT, quote=True)}">Copy</button><br>'
         + note("Copy it now: it is shown only this once.")
     )
 
