@@ -302,7 +302,7 @@ async def test_unknown_model_and_first_use_loading(model_config_file):  # noqa: 
         await mgr.close()
 
 
-@pytest.mark.parametrize("quantization", ["int8", "nf4"])
+@pytest.mark.parametrize("quantization", ["int8", "nf4", "fp4"])
 async def test_bitsandbytes_models_load_on_cpu_and_answer(tiny_model_dir, quantization):  # noqa: F811
     reg = parse_registry(
         {
@@ -325,6 +325,8 @@ async def test_bitsandbytes_models_load_on_cpu_and_answer(tiny_model_dir, quanti
         backend = await mgr.get(f"tiny-{quantization}")
         linear = backend.model.model.layers[0].self_attn.q_proj
         assert type(linear).__module__.startswith("bitsandbytes")
+        if quantization != "int8":  # the 4-bit type asked for, not bitsandbytes' default
+            assert linear.weight.quant_state.quant_type == quantization
         gens = [await backend.chat(MESSAGES, SamplingParams(max_tokens=6, temperature=0)) for _ in range(2)]
         outs = [await g.collect() for g in gens]
         assert all(g.completion_tokens == 6 for g in gens) and outs[0] == outs[1]
