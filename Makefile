@@ -20,6 +20,7 @@ bench: setup
 	HF_HUB_OFFLINE=1 .venv/bin/python bench/usage.py
 	HF_HUB_OFFLINE=1 .venv/bin/python bench/collections.py
 	HF_HUB_OFFLINE=1 .venv/bin/python bench/load.py
+	HF_HUB_OFFLINE=1 .venv/bin/python bench/replicas.py
 
 clean:
 	rm -rf .venv .node var .pytest_cache
