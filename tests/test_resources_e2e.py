@@ -191,7 +191,9 @@ def test_panels_show_create_search_and_delete(hub, instance):
     panel.preset_name.value, panel.preset_model.value, panel.preset_prompt.value = "brief", "tiny-chat", "Be brief."
     panel.create_preset()
     assert panel.error.value == "" and "preset:brief" in panel.preset_rows.children[0].children[0].value
-    assert call(instance, h, "GET", "api/presets/brief")["system_prompt"] == "Be brief."
+    assert "default parameters" in panel.preset_rows.children[0].children[0].value
+    stored = call(instance, h, "GET", "api/presets/brief")
+    assert stored["system_prompt"] == "Be brief." and stored["parameters"] == {}  # empty fields: none set
     panel.collection_name.value = "notes"
     panel.create_collection()
     assert panel.collection_pick.value == "notes"
@@ -206,14 +208,60 @@ def test_panels_show_create_search_and_delete(hub, instance):
 
     admin = AdminPanel(InferenceClient(instance.url, hub.api.user_token(hub.new_admin())))
     assert name in admin.resources_view.value and "brief" in admin.resources_view.value
+    assert "default parameters" in admin.resources_view.value
     admin.resource_user.value, admin.resource_kind.value = name, "collections"
+    admin.delete_resources()  # all of a kind: the first click only asks, naming how many of whose
+    assert admin.error.value == "" and call(instance, h, "GET", "api/collections/notes")["documents"] == 3
+    assert admin.resource_delete.button.description == f"Confirm: delete the 1 collection of {name}"
+    admin.resource_kind.value = "presets"  # the form changed: the question is forgotten, nothing deleted
+    assert admin.resource_delete.button.description == "Delete" and admin.resource_delete.pending is None
+    admin.resource_kind.value = "collections"
     admin.delete_resources()
+    admin.delete_resources()  # the second click deletes
     assert admin.error.value == "" and "Deleted 1 collections" in admin.notice.value
     assert call(instance, h, "GET", "api/collections") == {"collections": []}
+    assert admin.resource_delete.button.description == "Delete"
 
     panel.delete_preset("brief")  # what the preset's Delete button calls
     assert call(instance, h, "GET", "api/presets") == {"presets": []}
     assert "No presets." in panel.preset_rows.children[0].value
+
+
+def test_account_panel_presets_carry_parameters(hub, instance):
+    """Temperature, max_tokens and top_p set in the AccountPanel's form are stored with the preset, shown in its
+    row, and apply in chat; a value the service refuses shows its 400 message in the panel, and nothing is made."""
+    from kernel_ext.service_api import InferenceClient
+    from widgets import AccountPanel
+
+    _, h, token = user(hub, "resparam")
+    panel = AccountPanel(InferenceClient(instance.url, token))
+    fields = panel.preset_parameters
+    assert panel.error.value == "" and set(fields) == {"temperature", "max_tokens", "top_p"}
+    panel.preset_name.value, panel.preset_model.value = "short", "tiny-chat"
+    fields["temperature"].value, fields["max_tokens"].value = "0", " 3 "  # top_p left empty: not set
+    panel.create_preset()
+    assert panel.error.value == ""
+    assert call(instance, h, "GET", "api/presets/short")["parameters"] == {"temperature": 0, "max_tokens": 3}
+    row = panel.preset_rows.children[0].children[0].value
+    assert "temperature=0.0" in row and "max_tokens=3" in row and "top_p" not in row
+    assert all(field.value == "" for field in fields.values())  # the next preset starts with none
+    client = openai.OpenAI(base_url=instance.url + "v1", api_key=token, max_retries=0, timeout=120)
+    answer = client.chat.completions.create(model="preset:short", messages=[{"role": "user", "content": "hi"}])
+    client.close()
+    assert answer.model == "tiny-chat" and answer.usage.completion_tokens <= 3
+
+    panel.preset_name.value, fields["temperature"].value = "hot", "9"  # out of range: the service's 400
+    panel.create_preset()
+    assert "&#x27;temperature&#x27; must be between 0 and 2, got 9.0." in panel.error.value  # (escaped in HTML)
+    call(instance, h, "GET", "api/presets/hot", status=404)
+    assert fields["temperature"].value == "9" and panel.preset_name.value == "hot"  # kept, to be corrected
+    fields["temperature"].value, fields["max_tokens"].value = "", "many"  # not a number: refused in the panel
+    panel.create_preset()
+    assert "max_tokens must be a whole number" in panel.error.value
+    fields["max_tokens"].value, fields["top_p"].value = "", "0.5"
+    panel.create_preset()
+    assert panel.error.value == "" and call(instance, h, "GET", "api/presets/hot")["parameters"] == {"top_p": 0.5}
+    assert [p["name"] for p in call(instance, h, "GET", "api/presets")["presets"]] == ["hot", "short"]
 
 
 def test_account_page_in_chromium(hub, page):

@@ -41,8 +41,8 @@ def test_account_panel_creates_shows_once_and_revokes_a_key(hub, instance):
     assert "name" in panel.error.value and panel.client.keys() == []
 
     model = "tiny-chat"
-    assert model in panel.key_models.options
-    panel.key_name.value, panel.key_expiry.value, panel.key_models.value = "notebook", 7, (model,)
+    assert model in panel.key_scope.models.options and "chat" in panel.key_scope.features.options  # what I may use
+    panel.key_name.value, panel.key_expiry.value, panel.key_scope.models.value = "notebook", 7, (model,)
     panel.create_key()
     secret = panel.secret
     assert panel.error.value == "" and secret.startswith("jhi_") and secret in panel.secret_view.value
@@ -239,15 +239,16 @@ def test_admin_panel_issues_a_narrowed_key_and_revokes_all_keys(hub, instance):
     panel.revoke_all_keys()
     assert "Pick a user" in panel.error.value
 
-    user = hub.new_user("wkey")
+    user, other = hub.new_user("wkey"), hub.new_user("wkey")
     panel.select_user(user)
     model = "tiny-chat"
-    assert model in panel.issue_models.options and "chat" in panel.issue_features.options  # what the user may use
-    panel.issue_name.value, panel.issue_features.value, panel.issue_models.value = "narrow", ("chat",), (model,)
+    scope = panel.issue_scope
+    assert model in scope.models.options and "chat" in scope.features.options  # what the user may use
+    panel.issue_name.value, scope.features.value, scope.models.value = "narrow", ("chat",), (model,)
     panel.issue_key()
     narrowed = panel.secret
     assert panel.error.value == "" and narrowed in panel.secret_view.value
-    assert panel.issue_features.value == () and panel.issue_models.value == ()  # the next key starts wide
+    assert scope.features.value == () and scope.models.value == ()  # the next key starts wide
     listed = requests.get(url + "v1/models", headers=bearer(narrowed), timeout=60).json()["data"]
     assert [m["id"] for m in listed] == [model]
     panel.issue_name.value = "wide"
@@ -259,8 +260,24 @@ def test_admin_panel_issues_a_narrowed_key_and_revokes_all_keys(hub, instance):
     assert not by_name["wide"]["features"] and not by_name["wide"]["models"]
     assert len(panel.user_key_rows.children) == 2
 
+    panel.revoke_all_keys()  # the first click only asks, naming how many keys of whom
+    assert panel.error.value == "" and panel.revoke_all.button.description == f"Confirm: revoke all 2 keys of {user}"
+    assert panel.revoke_all.cancel.layout.display is None
+    assert len(requests.get(url + f"api/users/{user}/keys", headers=bearer(admin_token), timeout=60).json()["keys"]) == 2
+    assert status(url, "v1/models", narrowed) == 200 and status(url, "v1/models", wide) == 200
+    panel.revoke_all.cancel.click()  # Cancel: back to one button, and the next click asks again
+    assert panel.revoke_all.button.description == "Revoke all keys" and panel.revoke_all.cancel.layout.display == "none"
     panel.revoke_all_keys()
+    panel.select_user(other)  # picking another user forgets the question
+    assert panel.revoke_all.button.description == "Revoke all keys"
+    panel.revoke_all_keys()  # the other user has no key: nothing to ask
+    assert f"{other} has no active keys" in panel.notice.value and panel.revoke_all.pending is None
+    panel.select_user(user)
+    panel.revoke_all_keys()
+    assert status(url, "v1/models", wide) == 200  # still asking
+    panel.revoke_all_keys()  # the second click revokes
     assert panel.error.value == "" and f"Revoked 2 key(s) of {user}" in panel.notice.value
+    assert panel.revoke_all.button.description == "Revoke all keys"
     assert requests.get(url + f"api/users/{user}/keys", headers=bearer(admin_token), timeout=60).json()["keys"] == []
     assert "No keys" in panel.user_key_rows.children[0].value
     for secret in (narrowed, wide):

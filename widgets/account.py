@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime as dt
 import html
+import json
+import math
 from collections import defaultdict
 
 import ipywidgets as w
@@ -18,6 +20,29 @@ from . import style
 
 QUOTA_WINDOWS = ("tokens_per_day", "tokens_per_month", "requests_per_minute")
 MAX_CHART_DAYS = 92  # a bar per day stays readable up to about a quarter
+# The generation parameters a preset's form sets (the service takes a few more: `update_preset` sends any).
+PRESET_PARAMETERS = (("temperature", float), ("max_tokens", int), ("top_p", float))
+
+
+def optional_number(text: str, label: str, kind: type[int] | type[float] = int) -> float | int | None:
+    """A number field of a form (`label`: its name in the form): empty means not set (None); else an `int` or a
+    finite `float`."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value):
+        what = "a whole number" if kind is int else "a number"
+        raise ValueError(f"{label} must be {what}, or empty.")
+    return value
+
+
+def allowed_names(entries: dict) -> list[str]:
+    """The features or models an effective-permissions answer allows: what a key for that user may be narrowed to."""
+    return [name for name, decision in entries.items() if decision["allowed"]]
 
 
 def permissions_html(perms: dict) -> str:
@@ -109,11 +134,17 @@ def resource_rows(items: list[dict], label, delete, empty: str) -> list[w.Widget
     return rows or [w.HTML(style.note(empty))]
 
 
+def parameters_text(parameters: dict) -> str:
+    """A preset's generation parameters on one line (`temperature=0.2, max_tokens=64`), or that it sets none."""
+    return ", ".join(f"{name}={json.dumps(value)}" for name, value in parameters.items()) or "default parameters"
+
+
 def preset_label(preset: dict) -> str:
     prompt = preset["system_prompt"]
     prompt = prompt if len(prompt) <= 60 else prompt[:57] + "..."
     return (f"<b>{html.escape(preset['name'])}</b> <code>preset:{html.escape(preset['name'])}</code> · "
-            f"{html.escape(preset['model'])} · {html.escape(prompt or 'no system prompt')}")
+            f"{html.escape(preset['model'])} · {html.escape(prompt or 'no system prompt')} · "
+            f"{html.escape(parameters_text(preset.get('parameters') or {}))}")
 
 
 def collection_label(collection: dict) -> str:
@@ -124,6 +155,24 @@ def collection_label(collection: dict) -> str:
 def results_html(results: list[dict]) -> str:
     rows = [(f"{r['score']:.3f}", r["document"]["title"] or f"#{r['document']['id']}", r["text"]) for r in results]
     return style.table(("score", "document", "text"), rows)
+
+
+class KeyScope(w.HBox):
+    """A new key's "Only features" and "Only models" lists (then `more`, e.g. the form's button), offering what the
+    key's owner may use: `offer` takes an effective-permissions answer (the caller's own in AccountPanel, the chosen
+    user's in AdminPanel). Nothing picked: the key may do everything its owner may."""
+
+    def __init__(self, *more: w.Widget):
+        self.features = w.SelectMultiple(description="Only features", style=style.describe(), layout=style.choices())
+        self.models = w.SelectMultiple(description="Only models", style=style.describe(), layout=style.choices())
+        super().__init__([self.features, self.models, *more], layout=style.row())
+
+    def offer(self, permissions: dict) -> None:
+        self.features.options = allowed_names(permissions["features"])
+        self.models.options = allowed_names(permissions["models"])
+
+    def clear(self) -> None:
+        self.features.value = self.models.value = ()
 
 
 class AccountPanel(style.Panel):
@@ -138,9 +187,7 @@ class AccountPanel(style.Panel):
         self.key_name = w.Text(description="Name", placeholder="laptop", style=style.describe(), layout=style.field())
         self.key_expiry = w.BoundedIntText(value=0, min=0, max=36500, description="Expires (days)",
                                            style=style.describe(), layout=style.field())
-        self.key_features = w.SelectMultiple(description="Only features", style=style.describe(),
-                                             layout=style.choices())
-        self.key_models = w.SelectMultiple(description="Only models", style=style.describe(), layout=style.choices())
+        self.key_scope = KeyScope()
         self.create_button = w.Button(description="Create key", button_style="primary", layout=style.button())
         self.create_button.on_click(self.create_key)
         self.secret_view = w.HTML(layout=style.hidden())
@@ -153,7 +200,7 @@ class AccountPanel(style.Panel):
             w.HTML(style.heading("New key") + style.note(
                 "Expires 0: never. Pick no feature or model to let the key do everything you may.")),
             w.HBox([self.key_name, self.key_expiry], layout=style.row()),
-            w.HBox([self.key_features, self.key_models], layout=style.row()),
+            self.key_scope,
             self.create_button,
             self.secret_view,
             self.dismiss_button,
@@ -188,8 +235,8 @@ class AccountPanel(style.Panel):
         name = self.key_name.value.strip()
         if not name:
             raise ValueError("Give the key a name (where you will use it, e.g. 'laptop').")
-        made = self.client.create_key(name, self.key_expiry.value or None, self.key_features.value,
-                                      self.key_models.value)
+        made = self.client.create_key(name, self.key_expiry.value or None, self.key_scope.features.value,
+                                      self.key_scope.models.value)
         self.secret = made["key"]
         self.key_name.value = ""
         self._show_secret()
@@ -206,11 +253,16 @@ class AccountPanel(style.Panel):
 
     @style.action
     def create_preset(self, _button=None) -> None:
+        """A preset from the form; an empty parameter is not set (the model's default, or the request's, applies)."""
         name = self.preset_name.value.strip()
         if not name or not self.preset_model.value:
             raise ValueError("Give the preset a name and pick a model.")
-        self.client.create_preset(name, self.preset_model.value, self.preset_prompt.value)
+        numbers = {p: optional_number(self.preset_parameters[p].value, p, kind) for p, kind in PRESET_PARAMETERS}
+        parameters = {p: value for p, value in numbers.items() if value is not None}
+        self.client.create_preset(name, self.preset_model.value, self.preset_prompt.value, parameters)
         self.preset_name.value = self.preset_prompt.value = ""
+        for field in self.preset_parameters.values():
+            field.value = ""
         self._load_resources()
 
     @style.action
@@ -269,8 +321,7 @@ class AccountPanel(style.Panel):
         self.permissions.value = permissions_html(perms)
         self.keys_section.layout.display = "none" if no_auth else None
         if not no_auth:
-            self.key_features.options = [f for f, d in perms["features"].items() if d["allowed"]]
-            self.key_models.options = [m for m, d in perms["models"].items() if d["allowed"]]
+            self.key_scope.offer(perms)
             self._load_keys()
         self.resources_section.layout.display = "none" if no_auth or not perms["features"].get(
             "resources", {}).get("allowed") else None
@@ -281,12 +332,15 @@ class AccountPanel(style.Panel):
         self._section(self.quota, lambda: quota_html(self.client.quota()))
 
     def _resources_section(self) -> w.VBox:
-        """Presets (a model, a system prompt, used as `preset:<name>`) and knowledge collections."""
+        """Presets (a model, a system prompt, generation parameters; used as `preset:<name>`) and knowledge
+        collections."""
         self.preset_rows = w.VBox(layout=style.column())
         self.preset_name = w.Text(description="Name", placeholder="brief", style=style.describe(),
                                   layout=style.field())
         self.preset_model = w.Dropdown(description="Model", style=style.describe(), layout=style.field())
         self.preset_prompt = w.Textarea(description="System prompt", style=style.describe(), layout=style.field())
+        self.preset_parameters = {p: w.Text(description=p, placeholder="not set", style=style.describe(),
+                                            layout=style.field()) for p, _kind in PRESET_PARAMETERS}
         self.preset_button = w.Button(description="Create preset", button_style="primary", layout=style.button())
         self.preset_button.on_click(self.create_preset)
         self.collection_rows = w.VBox(layout=style.column())
@@ -312,6 +366,8 @@ class AccountPanel(style.Panel):
                 "Use one in chat as model \"preset:<name>\": its model, system prompt and parameters apply.")),
             self.preset_rows,
             w.HBox([self.preset_name, self.preset_model], layout=style.row()),
+            w.HBox(list(self.preset_parameters.values()), layout=style.row()),
+            w.HTML(style.note("Empty: not set (the model's default applies; a request's own value always wins).")),
             self.preset_prompt, self.preset_button,
             w.HTML(style.heading("Your knowledge collections")), self.collection_rows,
             w.HBox([self.collection_name, self.collection_button], layout=style.row()),

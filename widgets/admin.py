@@ -1,20 +1,33 @@
 """`AdminPanel`: users (search, filters, status, password reset), grants per user and group, a user's keys (issue,
 narrowed or not; revoke one or all), the audit log, view as a user, usage by user and model over a date range,
-quotas (a user's, a group's, the default) and invitations; for the service's administrators only.
+quotas (a user's, a group's, the default), invitations, and everyone's presets and collections; for the service's
+administrators only.
 
-As in `AccountPanel`, every button calls a method of the panel, and data comes only through the client.
+As in `AccountPanel`, every button calls a method of the panel, and data comes only through the client. An action
+that destroys many things at once (all of a user's keys, all of their presets or collections) takes two clicks: the
+first says how many would go (`ConfirmButton`), the second does it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable, Hashable
 
 import ipywidgets as w
 
 from kernel_ext.service_api import QUOTA_KINDS, InferenceClient
 
 from . import style
-from .account import MAX_CHART_DAYS, AccountPanel, key_rows, permissions_html, usage_html
+from .account import (
+    MAX_CHART_DAYS,
+    AccountPanel,
+    KeyScope,
+    key_rows,
+    optional_number,
+    parameters_text,
+    permissions_html,
+    usage_html,
+)
 
 STATUSES = (("any", ""), ("active", "active"), ("pending", "pending"), ("disabled", "disabled"))
 ROLES = (("any", ""), ("admin", "admin"), ("user", "user"))
@@ -49,17 +62,6 @@ def usage_cells(user: dict) -> tuple:
     return (usage["requests"], f"{usage['total_tokens']:,}") if usage else ("", "")
 
 
-def optional_number(text: str, name: str) -> float | int | None:
-    """A quota field: empty means nothing at this level (null); 0 means unlimited."""
-    text = text.strip()
-    if not text:
-        return None
-    try:
-        return float(text) if name == "weight" else int(text)
-    except ValueError:
-        raise ValueError(f"{name.replace('_', ' ')} must be a number, or empty.") from None
-
-
 def usage_query(since: dt.date | None, until: dt.date | None, today: dt.date) -> dict:
     """`/api/admin/usage` arguments for whole UTC days from `since` to `until`, both included (empty: the service's
     default, the 30 days up to now). By day while the chart can draw every day (MAX_CHART_DAYS), else by month."""
@@ -72,11 +74,6 @@ def usage_query(since: dt.date | None, until: dt.date | None, today: dt.date) ->
             "bucket": "day" if (last - first).days < MAX_CHART_DAYS else "month"}
 
 
-def allowed_names(entries: dict) -> list[str]:
-    """The features or models an effective-permissions answer allows: what a key for that user may be narrowed to."""
-    return [name for name, decision in entries.items() if decision["allowed"]]
-
-
 def labelled(description: str, widget_class=w.Text, **kwargs) -> w.Widget:
     return widget_class(description=description, style=style.describe(), layout=style.field(), **kwargs)
 
@@ -85,6 +82,42 @@ def action_button(description: str, callback, **kwargs) -> w.Button:
     button = w.Button(description=description, layout=style.button(), **kwargs)
     button.on_click(lambda _b: callback())
     return button
+
+
+def count_of(n: int, singular: str, plural: str) -> str:
+    """What a confirmation names: "all 3 keys", "the 1 key"."""
+    return f"all {n} {plural}" if n != 1 else f"the 1 {singular}"
+
+
+class ConfirmButton(w.HBox):
+    """A danger button for an action that destroys many things at once, in two clicks.
+
+    Its callback (a panel method) asks `confirmed(what)`: false on the first click, when the method counts what
+    would go and calls `ask(what, question)` (the button then reads `question`, with a Cancel beside it); true on the
+    second, when it acts. Anything that changes what would go (another user picked, the form edited, the list
+    reloaded) calls `reset()`, so the next click asks again.
+    """
+
+    def __init__(self, label: str, callback: Callable[[], object]):
+        self.label = label
+        self.pending: Hashable | None = None  # what the next click destroys; None: the next click only asks
+        self.button = action_button(label, callback, button_style="danger")
+        self.cancel = action_button("Cancel", self.reset)
+        self.cancel.layout.display = "none"
+        super().__init__([self.button, self.cancel], layout=style.row())
+
+    def confirmed(self, what: Hashable) -> bool:
+        return self.pending is not None and self.pending == what
+
+    def ask(self, what: Hashable, question: str) -> None:
+        self.pending = what
+        self.button.description = self.button.tooltip = question
+        self.cancel.layout.display = None
+
+    def reset(self) -> None:
+        self.pending = None
+        self.button.description, self.button.tooltip = self.label, None
+        self.cancel.layout.display = "none"
 
 
 class AdminPanel(style.Panel):
@@ -157,18 +190,16 @@ class AdminPanel(style.Panel):
         self.issue_name = labelled("Key name", placeholder="for a job")
         self.issue_expiry = labelled("Expires (days)", w.BoundedIntText, value=0, min=0, max=36500)
         # As in AccountPanel's "New key": the options are what the chosen user may use.
-        self.issue_features = w.SelectMultiple(description="Only features", style=style.describe(),
-                                               layout=style.choices())
-        self.issue_models = w.SelectMultiple(description="Only models", style=style.describe(), layout=style.choices())
+        self.issue_scope = KeyScope(action_button("Issue key", self.issue_key, button_style="primary"))
+        self.revoke_all = ConfirmButton("Revoke all keys", self.revoke_all_keys)
         self.secret_view = w.HTML()
         return w.VBox([
             self.keys_heading, self.user_key_rows,
-            action_button("Revoke all keys", self.revoke_all_keys, button_style="danger"),
+            self.revoke_all,
             w.HTML(style.heading("Issue a key") + style.note(
                 "Expires 0: never. Pick no feature or model to let the key do everything the user may.")),
             w.HBox([self.issue_name, self.issue_expiry], layout=style.row()),
-            w.HBox([self.issue_features, self.issue_models,
-                    action_button("Issue key", self.issue_key, button_style="primary")], layout=style.row()),
+            self.issue_scope,
             self.secret_view,
         ], layout=style.column())
 
@@ -235,11 +266,15 @@ class AdminPanel(style.Panel):
         self.resource_user = labelled("User")
         self.resource_kind = labelled("Kind", w.Dropdown, options=("presets", "collections"))
         self.resource_name = labelled("Name", placeholder="empty: all of them")
+        self.resource_delete = ConfirmButton("Delete", self.delete_resources)
+        for control in (self.resource_user, self.resource_kind, self.resource_name):
+            control.observe(lambda _change: self.resource_delete.reset(), names="value")
         return w.VBox([
             action_button("Reload", self.load_resources, icon="refresh"),
             self.resources_view,
-            w.HBox([self.resource_user, self.resource_kind, self.resource_name,
-                    action_button("Delete", self.delete_resources, button_style="danger")], layout=style.row()),
+            w.HBox([self.resource_user, self.resource_kind, self.resource_name, self.resource_delete],
+                   layout=style.row()),
+            w.HTML(style.note("Deleting all of a user's presets or collections asks first, with how many would go.")),
         ], layout=style.column())
 
     # -- actions (what the buttons call) ---------------------------------------------------------------------
@@ -323,9 +358,10 @@ class AdminPanel(style.Panel):
         if not name:
             raise ValueError("Give the key a name.")
         self.secret = self.client.issue_key(self._chosen(), name, self.issue_expiry.value or None,
-                                            self.issue_features.value, self.issue_models.value)["key"]
+                                            self.issue_scope.features.value, self.issue_scope.models.value)["key"]
         self.secret_view.value = style.secret_html(self.secret)
-        self.issue_name.value, self.issue_features.value, self.issue_models.value = "", (), ()
+        self.issue_name.value = ""
+        self.issue_scope.clear()
         self._load_keys()
 
     @style.action
@@ -335,8 +371,16 @@ class AdminPanel(style.Panel):
 
     @style.action
     def revoke_all_keys(self) -> None:
-        """Every key of the chosen user at once (a lost laptop, someone leaving); audited by the service."""
+        """Every key of the chosen user at once (a lost laptop, someone leaving); audited by the service. The first
+        click shows the user's keys afresh and asks ("Confirm: revoke all N keys of NAME"), the second revokes."""
         name = self._chosen()
+        if not self.revoke_all.confirmed(name):
+            count = len(self._load_keys())
+            if not count:
+                self.notice.value = style.note(f"{name} has no active keys: nothing to revoke.")
+                return
+            self.revoke_all.ask(name, f"Confirm: revoke {count_of(count, 'key', 'keys')} of {name}")
+            return
         revoked = self.client.revoke_user_keys(name)
         self.notice.value = style.note(f"Revoked {revoked} key(s) of {name}.")
         self._load_keys()
@@ -366,7 +410,9 @@ class AdminPanel(style.Panel):
 
     @style.action
     def set_quota(self) -> None:
-        limits = {f: optional_number(self.quota_fields[f].value, f) for f in QUOTA_FIELDS}
+        fields = self.quota_fields  # empty: nothing at this level (null); 0: unlimited
+        limits = {f: optional_number(fields[f].value, fields[f].description, float if f == "weight" else int)
+                  for f in QUOTA_FIELDS}
         self._show_quota(lambda kind, name: self.client.set_subject_quota(kind, name, limits))
 
     @style.action
@@ -398,22 +444,24 @@ class AdminPanel(style.Panel):
 
     @style.action
     def load_resources(self) -> None:
-        everyone = self.client.all_resources()
-        self.resources_view.value = (
-            style.heading("Presets") + style.table(("user", "name", "model", "system prompt"), [
-                (p["user"], p["name"], p["model"], p["system_prompt"][:60]) for p in everyone["presets"]])
-            + style.heading("Knowledge collections") + style.table(("user", "name", "documents", "chunks"), [
-                (c["user"], c["name"], c["documents"], c["chunks"]) for c in everyone["collections"]]))
+        self._show_resources()
 
     @style.action
     def delete_resources(self) -> None:
-        """Delete the user's preset or collection named in the form, or all of that kind (audited)."""
-        user = self._form_name(self.resource_user)
-        deleted = self.client.delete_user_resources(user, self.resource_kind.value,
-                                                    self.resource_name.value.strip() or None)
-        self.notice.value = style.note(f"Deleted {deleted} {self.resource_kind.value} of {user}.")
+        """Delete the user's preset or collection named in the form (audited). With no name, all of that kind: the
+        first click shows everyone's afresh and asks ("Confirm: delete all N presets of NAME"), the second deletes."""
+        user, kind = self._form_name(self.resource_user), self.resource_kind.value
+        name = self.resource_name.value.strip() or None
+        if name is None and not self.resource_delete.confirmed((user, kind)):
+            everyone = self._show_resources()
+            count = sum(r["user"] == user for r in everyone[kind])  # from a listing of at most 1000 (the service's)
+            self.resource_delete.ask((user, kind), f"Confirm: delete {count_of(count, kind[:-1], kind)} of {user}"
+                                     if count else f"Confirm: delete all {kind} of {user} (none listed)")
+            return
+        deleted = self.client.delete_user_resources(user, kind, name)
+        self.notice.value = style.note(f"Deleted {deleted} {kind} of {user}.")
         self.resource_name.value = ""
-        self.load_resources()
+        self._show_resources()
 
     # -- loading -----------------------------------------------------------------------------------------------
 
@@ -448,16 +496,32 @@ class AdminPanel(style.Panel):
                  ("last seen", user["last_seen"] or "never")]
         perms = user["permissions"]
         self.grant_target.options = (*perms["features"], *perms["models"])
-        self.issue_features.options = allowed_names(perms["features"])
-        self.issue_models.options = allowed_names(perms["models"])
+        self.issue_scope.offer(perms)
         self.user_detail.value = (style.heading(user["name"]) + style.table(("", ""), facts)
                                   + style.heading("Effective permissions") + permissions_html(user["permissions"]))
         self._load_keys()
 
-    def _load_keys(self) -> None:
+    def _load_keys(self) -> list[dict]:
+        """Show the chosen user's active keys, and return them. A pending "revoke all" asks again: what it counted
+        may have changed."""
         name = self._chosen()
+        keys = self.client.user_keys(name)
+        self.revoke_all.reset()
         self.keys_heading.value = style.heading(f"Keys of {name}")
-        self.user_key_rows.children = key_rows(self.client.user_keys(name), self.revoke_user_key)
+        self.user_key_rows.children = key_rows(keys, self.revoke_user_key)
+        return keys
+
+    def _show_resources(self) -> dict:
+        """Show everyone's presets and collections, and return them. A pending "delete all" asks again."""
+        everyone = self.client.all_resources()
+        self.resource_delete.reset()
+        self.resources_view.value = (
+            style.heading("Presets") + style.table(("user", "name", "model", "system prompt", "parameters"), [
+                (p["user"], p["name"], p["model"], p["system_prompt"][:60], parameters_text(p["parameters"]))
+                for p in everyone["presets"]])
+            + style.heading("Knowledge collections") + style.table(("user", "name", "documents", "chunks"), [
+                (c["user"], c["name"], c["documents"], c["chunks"]) for c in everyone["collections"]]))
+        return everyone
 
     def _show_grants(self, call) -> None:
         """`call(kind, name)` returns the grants of the user or group in the form; show them."""
