@@ -117,7 +117,7 @@ def test_create_a_key_on_the_account_page(hub, page):
     screenshot(page, "account-page-new-key")
     assert page.locator("#error").inner_text() == ""
 
-    secret = box.inner_text().rsplit(" ", 1)[-1]
+    secret = page.locator("#new-key-secret").input_value()
     token = hub.api.user_token(user)
     assert len(keys_named(instance, token, name)) == 1
     assert works(instance, secret)
