@@ -39,6 +39,12 @@ if TYPE_CHECKING:
 
 # The only routes that answer without credentials. A test checks the route table against this list.
 PUBLIC_ROUTES = frozenset({"/health", "/oauth_callback", "/openapi.json"})
+# Identity mode `none` (everyone is one anonymous admin, for a laptop) has no one to tell apart: only OpenAI's API and
+# these are served; the routes about users, keys, grants, invites, quotas of others and resources do not exist there.
+ANONYMOUS_ROUTES = frozenset({
+    "/health", "/openapi.json", "/metrics", "/api/me", "/api/me/permissions", "/api/me/quota", "/api/usage",
+    "/api/admin/usage",
+})
 CONFIG_FILE_NAME = "jupyterhub_inference_config.py"
 # Where a config file is looked for when neither --config nor $INFERENCE_CONFIG names one (first found wins).
 CONFIG_SEARCH_PATH = (".", "~/.jupyterhub-inference", "/etc/jupyterhub-inference")
@@ -396,6 +402,8 @@ jupyterhub-inference usage [--user NAME] [--since ISO] [--bucket day|hour|month]
         handlers += metrics.public_routes if public_metrics else metrics.routes
         if self.identity.mode == "hub":
             handlers += pages.routes
+        if self.identity.mode == "none":
+            handlers = [(path, h) for path, h in handlers if path in ANONYMOUS_ROUTES or path.startswith("/v1/")]
         check_public_routes(handlers, (PUBLIC_ROUTES | {"/metrics"}) if public_metrics else PUBLIC_ROUTES)
         return handlers
 

@@ -152,6 +152,25 @@ def follow_login(session: requests.Session, hub: OAuthHub, login: str, password:
     return session.post(target, data={"login": login, "password": password}, timeout=60)
 
 
+def invited_login(hub: OAuthHub, admin: str, name: str, password: str) -> str:
+    """Invite mode through the provider: `admin` (let in without an invite) makes an invite with the group
+    `invited-team`; `name` is refused without it (nobody made), then let in with it, active. The invite's link."""
+    assert follow_login(requests.Session(), hub, admin, f"{admin}-password").url.endswith("/hub/home")
+    assert hub.user(admin)["admin"] is True
+    r = hub.service("POST", "api/invites", hub.api.user_token(admin), json={"groups": ["invited-team"]})
+    assert r.status_code == 201, r.text
+    invite = r.json()["url"]
+    r = follow_login(requests.Session(), hub, name, password)
+    assert r.status_code == 403 and r.url.endswith("/hub/registration/invite-required"), r.url
+    assert hub.service_status(name) is None
+    session = requests.Session()
+    assert session.get(invite, timeout=30).status_code == 200
+    r = follow_login(session, hub, name, password)
+    assert r.status_code == 200 and r.url.endswith("/hub/home"), r.url
+    assert hub.service_status(name) == "active"
+    return invite
+
+
 def hub_config(monkeypatch, tmp_path, **env):
     """The repository's jupyterhub_config.py loaded with `env` (and none of the login variables not given)."""
     for name in ("INFERENCE_ADMINS", "INFERENCE_ADMIN_EMAILS", "INFERENCE_REGISTRATION", "GITHUB_ORGS",

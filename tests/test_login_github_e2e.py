@@ -15,7 +15,7 @@ import sys
 import pytest
 import requests
 from fake_github import FakeGitHub, GitHubUser
-from oauth_hub import _GUARD, BLOCKED, OAuthHub, follow_login, hub_config, start_login
+from oauth_hub import _GUARD, BLOCKED, OAuthHub, follow_login, hub_config, invited_login, start_login
 
 ADMIN_EMAIL = "boss@example.org"
 ORG = "inference-org"
@@ -130,19 +130,8 @@ def test_an_invite_carries_a_person_through_github(github_invite_hub):
     """Invite mode with GitHub: an organisation member without an invite is refused (nobody made); with one they
     are in, with the invite's groups; the link then works for nobody else."""
     hub, _ = github_invite_hub
-    assert follow_login(requests.Session(), hub, "octo", "octo-password").url.endswith("/hub/home")  # the admin
-    r = hub.service("POST", "api/invites", hub.api.user_token("octo"), json={"groups": ["invited-team"]})
-    assert r.status_code == 201, r.text
-    invite = r.json()["url"]
-    r = follow_login(requests.Session(), hub, "second", "second-password")
-    assert r.status_code == 403 and r.url.endswith("/hub/registration/invite-required"), r.url
-    assert hub.service_status("second") is None
-    session = requests.Session()
-    assert session.get(invite, timeout=30).status_code == 200
-    r = follow_login(session, hub, "second", "second-password")
-    assert r.status_code == 200 and r.url.endswith("/hub/home"), r.url
+    invite = invited_login(hub, "octo", "second", "second-password")
     assert hub.user("second")["groups"] == ["invited-team"] and hub.user("second")["admin"] is False
-    assert hub.service_status("second") == "active"
     session = requests.Session()
     assert session.get(invite, timeout=30).status_code == 410
     assert follow_login(session, hub, "sneaky", "sneaky-password").url.endswith("/hub/registration/invite-required")

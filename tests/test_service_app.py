@@ -13,7 +13,7 @@ from pathlib import Path
 import openai
 import pytest
 import requests
-from conftest import ServiceThread, clean_env, free_port, serve, stop
+from conftest import clean_env, free_port, running, serve, stop
 from openai import OpenAI
 from traitlets.config import Config
 
@@ -27,6 +27,15 @@ def test_mode_none_has_no_auth_at_all_and_stops_on_sigint(tmp_path):
         r = requests.get(url + "api/me", headers={"Authorization": "Bearer whatever"})
         assert r.status_code == 200 and r.json()["role"] == "admin" and r.json()["authenticated_via"] == "none"
         assert requests.get(url + "v1/models").status_code == 200
+        # No one to tell apart, so nothing about users, keys or grants exists, and nothing is read or checked:
+        # an act-as header or a write without an XSRF token changes nothing.
+        for path in ("api/keys", "api/users", "api/users/alice/grants", "api/invites", "api/presets", "api/audit"):
+            r = requests.get(url + path)
+            assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", (path, r.text)
+        r = requests.get(url + "api/me", headers={"X-Inference-Act-As": "alice"})
+        assert r.status_code == 200 and r.json()["name"] == "anonymous"
+        paths = requests.get(url + "openapi.json").json()["paths"]
+        assert "/api/keys" not in paths and "/api/users" not in paths and "/v1/chat/completions" in paths
     finally:
         stop(proc, signal.SIGINT)  # SIGTERM: the static-key test; both end in a clean exit, buffers flushed
     assert proc.returncode == 0
@@ -115,11 +124,7 @@ def test_static_keys_file_keys_are_accepted_and_others_refused(tmp_path):
     keys_file = tmp_path / "static-keys"
     keys_file.write_text(STATIC_KEYS_FILE)
     cfg = in_process_config(tmp_path, mode="static", static_keys=["sk-config-key"], static_keys_file=str(keys_file))
-    service = ServiceThread(cfg)
-    service.start()
-    try:
-        service.app.ready.wait(60)
-        assert service.error is None, service.error
+    with running(cfg):
         url = f"http://127.0.0.1:{cfg.InferenceService.port}/"
         # The file's keys are added to the configured ones.
         for key in ("sk-file-one", "sk-file-two", "sk-file-three", "sk-config-key"):
@@ -139,8 +144,6 @@ def test_static_keys_file_keys_are_accepted_and_others_refused(tmp_path):
         with pytest.raises(openai.AuthenticationError) as raised:
             OpenAI(base_url=url + "v1", api_key="sk-not-in-the-file", max_retries=0).models.list()
         assert (raised.value.status_code, raised.value.code) == (401, "invalid_api_key")
-    finally:
-        service.stop()
 
 
 def test_a_comment_in_the_static_keys_file_is_not_a_key(tmp_path):
