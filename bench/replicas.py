@@ -62,7 +62,7 @@ def one_round(a, b, user: str, i: int) -> dict[str, float]:
     admin("DELETE", a.url + f"api/users/{user}/keys/{key_id}")
     took["revoke"] = seen_after(lambda: answers(b, "api/me", key).status_code == 401)
 
-    _, key = issue_key(a, user)
+    key_id, key = issue_key(a, user)
     limit = 1000 + i
     admin("PUT", a.url + f"api/users/{user}/quota", json={"tokens_per_day": limit})
     took["quota"] = seen_after(
@@ -78,6 +78,7 @@ def one_round(a, b, user: str, i: int) -> dict[str, float]:
     took["grant"] = seen_after(lambda: not embeddings_allowed())
     admin("PATCH", a.url + f"api/users/{user}/grants", json={"features": {"embeddings": None}})
     seen_after(embeddings_allowed)
+    admin("DELETE", a.url + f"api/users/{user}/keys/{key_id}")  # a user holds at most 25 live keys
     return took
 
 
