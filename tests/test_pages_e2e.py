@@ -110,6 +110,18 @@ def page_api(page, path: str):
     return page.evaluate("path => fetch(path, {credentials: 'same-origin'}).then(r => r.json())", path)
 
 
+def test_the_hubs_services_menu_leads_to_the_account_page(hub, page):
+    """From the Hub's home page, as a newcomer finds it: Services, then the service's name."""
+    instance = hub.instances["sqlite"]  # the service `configure` registered (shown in the menu)
+    log_in(page, hub, hub.new_user("menu"), f"{hub.url}/hub/home")
+    page.wait_for_url(f"{hub.url}/hub/home")
+    page.locator("a.dropdown-toggle", has_text="Services").click()
+    page.locator(".dropdown-menu").get_by_role("link", name=instance.name, exact=True).click()
+    page.wait_for_url(instance.url)
+    page.locator("#role", has_text="Role:").wait_for()
+    screenshot(page, "account-page-from-the-services-menu")
+
+
 def test_narrowed_key_and_permissions_on_the_account_page(hub, instance, page):
     url = instance.url
     user = hub.new_user("narrow")
