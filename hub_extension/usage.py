@@ -36,7 +36,7 @@ from traitlets.config import LoggingConfigurable
 
 from .db import Database
 from .errors import BadRequest
-from .orm import UsageEvent, UsageRollup
+from .orm import UsageEvent, UsageRollup, User
 
 log = logging.getLogger("hub_extension.usage")
 
@@ -110,6 +110,20 @@ def rollup_rows(sums: dict[tuple, list[int]]) -> list[dict]:
         rows.append({**dict(zip(ROLLUP_KEY, (hour, *rest), strict=True)), "day": hour.strftime("%Y-%m-%d"),
                      "month": hour.strftime("%Y-%m"), **dict(zip(ROLLUP_SUMS, counts, strict=True))})
     return rows
+
+
+def _follow_retired_users(session: Session, events: list[dict]) -> None:
+    """An event of someone the Hub deleted before it was written (their row renamed by `users.retire`) goes under
+    the retired name, with the rest of their usage: never to a new person given the name. One query per batch."""
+    ids = {event.get("user_id") for event in events if isinstance(event.get("user_id"), int)}
+    if not ids:
+        return
+    query = select(User.id, User.name).where(User.id.in_(ids), User.name.contains("/"))  # "/": retired rows only
+    retired = dict(session.execute(query).all())
+    for event in events:
+        name = retired.get(event.get("user_id"))
+        if name is not None:
+            event["user"] = name
 
 
 def _insert_events(session: Session, rows: list[tuple]) -> None:
@@ -282,6 +296,7 @@ class UsageRecorder(LoggingConfigurable):
         """The raw rows and the hourly sums of a batch in one transaction (on the database pool): the events
         written. A malformed event (a bug in the handler that made it) is logged and left out."""
         stored_time = _sqlite_time if session.get_bind().dialect.name == "sqlite" else _naive_utc
+        _follow_retired_users(session, events)
         written, rows, sums = batch_rows(events, stored_time)
         if rows:
             _insert_events(session, rows)
