@@ -455,7 +455,8 @@ class QuotaPolicy(LoggingConfigurable):
         """`user` was deleted in the Hub; their own quota row is gone and their usage moved away from the name
         (`users.py`): whoever gets the name next starts from nothing, at once; the next sync re-reads the rest."""
         snap = self.snapshot
-        self._apply_snapshot(next(self._tickets), replace(snap, users={u: q for u, q in snap.users.items() if u != user}))
+        others = {u: q for u, q in snap.users.items() if u != user}
+        self._apply_snapshot(next(self._tickets), replace(snap, users=others))
         for table in (self._day, self._month_base, self._unflushed):
             table.pop(user, None)
         self._forget_base()

@@ -116,7 +116,8 @@ class UserDirectory(LoggingConfigurable):
         self._by_name: dict[str, tuple[float, UserState]] = {}
         self._generation = 0  # bumped on every change; a load that began under an older one is not cached
         self._last_seen: dict[int, dt.datetime] = {}
-        # Called with each name the Hub deleted, after the change is committed (the quotas forget its limit and spending).
+        # Called with each name the Hub deleted, once the change is committed (the quotas forget its limit and
+        # spending).
         self.on_retired: list = []
         self._retired: list[str] = []  # names retired by a transaction not yet announced
 

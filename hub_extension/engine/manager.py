@@ -1,7 +1,8 @@
 """The `ModelManager`: every backend by name, loaded at start or on first use, unloaded when idle.
 
 Loading runs on a daemon thread of its own, so a model loading for a minute never stalls the other models'
-streams, and a process asked to stop meanwhile need not wait for it (`loads_in_progress`). The manager knows models only: who may use which is the handlers' question.
+streams, and a process asked to stop meanwhile need not wait for it (`loads_in_progress`). The manager knows
+models only: who may use which is the handlers' question.
 """
 
 from __future__ import annotations
